@@ -1,0 +1,35 @@
+"""The pipeline flow: prepare_data → build_tokenizer → train_model → evaluate_model → generate_text
+→ register_model. With no server configured it runs on Prefect's ephemeral local server."""
+from __future__ import annotations
+
+from prefect import flow
+
+from lmpipe.config import Config, load_config
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_text
+from tasks.prepare import prepare_data
+from tasks.register import register_model
+from tasks.tokenize import build_tokenizer
+from tasks.train import train_model
+
+
+@flow(name="lmpipe-pipeline")
+def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
+    """Run every stage with params.yaml (+ environment, + `-S` overrides)."""
+    config = load_config(params_file, overrides or []).to_dict()
+    prepared = prepare_data(config)
+    tokenizer = build_tokenizer(config, prepared)
+    trained = train_model(config, tokenizer)
+    metrics = evaluate_model(config, trained)
+    sample = generate_text(config, trained)
+    registered = register_model(config, trained)
+    return {"prepared": prepared, "tokenizer": tokenizer, "train": trained, "metrics": metrics,
+            "sample": sample, "registered": registered}
+
+
+def run(cfg: Config, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
+    """Run the flow under the run name '<model>-<source>' (e.g. gpt-dear_agnes)."""
+    from lmpipe.data import resolve_source
+
+    name = f"{cfg.model.type}-{resolve_source(cfg.data.source).name}"
+    return pipeline.with_options(flow_run_name=name)(overrides=overrides, params_file=params_file)

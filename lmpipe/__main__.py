@@ -1,0 +1,3 @@
+from lmpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The `lmpipe` command line. Heavy libraries (torch, MLflow, Prefect) are imported inside the
+commands that need them, so `lmpipe --help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+STAGES = ("prepare", "tokenizer", "train", "evaluate", "generate", "register")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a params.yaml value (same syntax as 'dvc exp run -S'); repeatable")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmpipe",
+        description="Train small GPT-style language models on your own text, with checkpoints you can trust.",
+        epilog="Settings come from params.yaml; environment variables (ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, "
+               "CHECKPOINT_DIR, MODEL_TYPE, TRAINING_STEPS, TRAINING_DATA_SOURCE, DEVICE) and -S override it.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (ephemeral local server)")
+    _add_config_args(p)
+
+    p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml's stages call)")
+    p.add_argument("name", choices=STAGES)
+    _add_config_args(p)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
+    _add_config_args(p)
+
+    p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 0
+    from lmpipe.env import apply_offline_defaults
+    from lmpipe.errors import UserError
+
+    apply_offline_defaults()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        for line in str(e).splitlines():
+            print(f"lmpipe: error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lmpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _config(args):
+    from lmpipe.config import load_config
+
+    return load_config(args.params, args.overrides)
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from lmpipe import stages
+
+    cfg = _config(args)
+    fn = {"prepare": stages.prepare, "tokenizer": stages.build_tokenizer, "train": stages.train,
+          "evaluate": stages.evaluate, "generate": stages.generate, "register": stages.register}[args.name]
+    result = fn(cfg, entry="dvc") if args.name == "train" else fn(cfg)
+    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in result.items() if k not in ("text", "checkpoints")))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import importlib
+
+    from lmpipe import stages
+
+    cfg = _config(args)
+    stages.preflight(cfg)
+    # The CLI is the composition root: it starts the flow, which composes the tasks.
+    pipeline = importlib.import_module("flows.pipeline")
+    result = pipeline.run(cfg, overrides=args.overrides, params_file=args.params)
+    print(summary(result))
+    return 0
+
+
+def summary(r: dict) -> str:
+    from lmpipe import tracking
+
+    t, reg = r["train"], r["registered"]
+    lines = ["", "=" * 72, "lmpipe run finished",
+             f"  checkpoints:      {t['checkpoint_dir']}/ ({len(t['checkpoints'])} saved; final: {Path(t['checkpoint']).name})",
+             f"  MLflow run:       {t['run_id']} (experiment {t['experiment_id']}, store {tracking.tracking_uri()})",
+             f"  open the UI:      {tracking.ui_hint()}",
+             f"  registered model: {reg['uri']}" if reg.get("uri") else "  registered model: (registration off)",
+             "  metrics:          " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss", "perplexity", "bits_per_byte")),
+             "  sample:", "", r["sample"]["text"], "=" * 72]
+    return "\n".join(lines)
+
+
+def cmd_generate(args) -> int:
+    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.device import pick_device
+    from lmpipe.sampling import generate_text
+
+    cfg = _config(args)
+    g = cfg.generate
+    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir)
+    device = pick_device(args.device or g.device)
+    ckpt = load_checkpoint(path)
+    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    pick = lambda a, d: d if a is None else a  # noqa: E731
+    text = generate_text(model, tok, pick(args.prompt, g.prompt), pick(args.max_new_tokens, g.max_new_tokens),
+                         pick(args.temperature, g.temperature), pick(args.top_k, g.top_k),
+                         pick(args.seed, g.seed), device)
+    print(f"[{path.name}, step {ckpt['step']}, {device}]", file=sys.stderr)
+    print(text)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "generate": cmd_generate, "config": cmd_config}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""params.yaml → frozen, validated config objects; environment variables and `-S` overrides on top.
+
+Precedence, strongest first: CLI `-S section.key=value` (the syntax of `dvc exp run -S`), the seed
+guide's environment variables (ENV_VARS), then params.yaml, then the defaults below.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from lmpipe.errors import ConfigError
+from models import MODELS
+
+PARAMS_FILE = "params.yaml"
+MODEL_TYPES = tuple(MODELS)  # the model registry decides which keys exist
+TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "dear_agnes"  # a bundled corpus name, or a .md/.txt file or a directory of them
+    val_fraction: float = 0.1
+    seed: int = 1337
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "char"
+    vocab_size: int = 512  # bpe only
+    gpt2_path: str = "gpt2"  # gpt2 only: a local model directory, or a hub name when online
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 12
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    interval: int = 500
+    dir: str = "checkpoints"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 32
+    max_batches: int = 0  # 0: the whole validation split
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompt: str = "Dear Agnes,"
+    max_new_tokens: int = 300
+    temperature: float = 0.8
+    top_k: int = 0  # 0: no top-k filtering
+    seed: int = 1337
+    device: str = "auto"
+    num_samples: int = 1
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "lmpipe"
+    register: bool = True
+    model_name: str = ""  # "": lmpipe-{model}-{source}
+    log_checkpoints: bool = True  # every checkpoint also becomes an MLflow logged model (a copy)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    generate: GenerateConfig = GenerateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """{"train.lr": 0.001, ...}: every hyperparameter under its params.yaml key."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+# The seed guide's environment variables and the keys they set.
+ENV_VARS: dict[str, tuple[str, ...]] = {
+    "ENABLE_CHECKPOINTS": ("checkpoint.enabled",),
+    "CHECKPOINT_INTERVAL": ("checkpoint.interval",),
+    "CHECKPOINT_DIR": ("checkpoint.dir",),
+    "MODEL_TYPE": ("model.type",),
+    "TRAINING_STEPS": ("train.steps",),
+    "TRAINING_DATA_SOURCE": ("data.source",),
+    "DEVICE": ("train.device", "generate.device"),
+}
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and v > 0
+
+
+def _nonneg_int(v: Any) -> bool:
+    return isinstance(v, int) and v >= 0
+
+
+def _pos_float(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v > 0
+
+
+def _nonneg_float(v: Any) -> bool:
+    return isinstance(v, float) and math.isfinite(v) and v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, float) and 0 < v < 1
+
+
+def _one_of(choices: tuple[str, ...]) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+def _nonempty(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+POS_INT = (_pos_int, "a positive integer")
+NONNEG_INT = (_nonneg_int, "an integer >= 0")
+POS_FLOAT = (_pos_float, "a positive number")
+NONNEG_FLOAT = (_nonneg_float, "a number >= 0")
+NONEMPTY = (_nonempty, "a non-empty string")
+
+# key → (check, what is allowed). Keys not listed only need the right type.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.source": NONEMPTY,
+    "data.val_fraction": (_fraction, "a number strictly between 0 and 1"),
+    "tokenizer.kind": _one_of(TOKENIZER_KINDS),
+    "tokenizer.vocab_size": ((lambda v: isinstance(v, int) and v >= 257), "an integer >= 257"),
+    "model.type": _one_of(MODEL_TYPES),
+    "model.n_layer": POS_INT,
+    "model.n_head": POS_INT,
+    "model.n_embd": POS_INT,
+    "model.block_size": POS_INT,
+    "model.dropout": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
+    "train.steps": POS_INT,
+    "train.batch_size": POS_INT,
+    "train.lr": POS_FLOAT,
+    "train.min_lr": NONNEG_FLOAT,
+    "train.warmup_steps": NONNEG_INT,
+    "train.weight_decay": NONNEG_FLOAT,
+    "train.beta1": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
+    "train.beta2": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
+    "train.grad_clip": NONNEG_FLOAT,
+    "train.eval_interval": POS_INT,
+    "train.eval_batches": POS_INT,
+    "train.log_interval": POS_INT,
+    "train.device": _one_of(DEVICES),
+    "checkpoint.interval": POS_INT,
+    "checkpoint.dir": NONEMPTY,
+    "evaluate.batch_size": POS_INT,
+    "evaluate.max_batches": NONNEG_INT,
+    "generate.max_new_tokens": POS_INT,
+    "generate.temperature": POS_FLOAT,
+    "generate.top_k": NONNEG_INT,
+    "generate.device": _one_of(DEVICES),
+    "generate.num_samples": POS_INT,
+    "tracking.experiment": NONEMPTY,
+}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(value: Any, typ: str) -> Any:
+    """Convert a YAML/env/CLI value to the field's type; raise ValueError if it cannot be."""
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
+            return str(value).strip().lower() in _TRUE
+        raise ValueError("true or false")
+    if typ == "int":
+        if isinstance(value, bool):
+            raise ValueError("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ValueError("an integer")
+    if typ == "float":
+        if isinstance(value, bool):
+            raise ValueError("a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError("a number") from None
+    return "" if value is None else str(value)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """'train.lr=3e-4' → ('train.lr', '3e-4')."""
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError([f"override {text!r} must look like section.key=value (e.g. train.steps=100)"])
+    return key.strip(), value.strip()
+
+
+def _sections() -> dict[str, dict[str, str]]:
+    """{section: {key: type name}} from the dataclasses above."""
+    return {
+        f.name: {g.name: str(g.type) for g in fields(f.default)}  # type: ignore[arg-type]
+        for f in fields(Config)
+    }
+
+
+def load_config(
+    params_file: str | Path | None = PARAMS_FILE,
+    overrides: list[str] | tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Build the validated Config. Collects every problem before raising one ConfigError."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
+    origin: dict[str, str] = {}
+
+    def put(key: str, value: Any, where: str) -> None:
+        section, _, name = key.partition(".")
+        known = _sections()
+        if section not in known:
+            problems.append(f"{where}: unknown section {section!r}; known: {', '.join(known)}")
+        elif name not in known[section]:
+            problems.append(
+                f"{where}: unknown key {key!r}; keys in {section}: {', '.join(known[section])}")
+        else:
+            raw[section][name] = value
+            origin[key] = where
+
+    for section, values in _read_params(params_file, problems).items():
+        if not isinstance(values, dict):
+            problems.append(f"{params_file}: section {section!r} must be a mapping, got {values!r}")
+            continue
+        for name, value in values.items():
+            put(f"{section}.{name}", value, str(params_file))
+    for var, keys in ENV_VARS.items():
+        if env.get(var, "") != "":
+            for key in keys:
+                put(key, env[var], f"environment variable {var}")
+    for text in overrides:
+        try:
+            key, value = parse_assignment(text)
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        put(key, _yaml_scalar(value), "-S")
+
+    cfg = _build(raw, origin, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_params(params_file: str | Path | None, problems: list[str]) -> dict[str, Any]:
+    if params_file is None or not Path(params_file).exists():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        problems.append(f"{params_file}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{params_file}: must be a mapping of sections, got {type(data).__name__}")
+        return {}
+    return data
+
+
+def _yaml_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: list[str]) -> Config:
+    sections = {}
+    for f in fields(Config):
+        values = {}
+        for g in fields(f.default):  # type: ignore[arg-type]
+            key = f"{f.name}.{g.name}"
+            value = raw[f.name].get(g.name, getattr(f.default, g.name))
+            try:
+                value = _coerce(value, str(g.type))
+            except ValueError as e:
+                problems.append(f"{key} must be {e}, got {value!r} (from {origin.get(key, 'defaults')})")
+                continue
+            check = RULES.get(key)
+            if check and not check[0](value):
+                problems.append(f"{key} must be {check[1]}, got {value!r} (from {origin.get(key, 'defaults')})")
+            values[g.name] = value
+        sections[f.name] = type(f.default)(**{**asdict(f.default), **values})
+    cfg = Config(**sections)
+    m = cfg.model
+    if m.n_embd % m.n_head:
+        problems.append(f"model.n_embd must be divisible by model.n_head, got n_embd={m.n_embd}, n_head={m.n_head}")
+    if cfg.train.min_lr > cfg.train.lr:
+        problems.append(f"train.min_lr must be <= train.lr, got min_lr={cfg.train.min_lr}, lr={cfg.train.lr}")
+    return cfg
+
+
+def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from Config.to_dict() output (e.g. a checkpoint's hyperparameters).
+
+    Unknown keys are dropped and missing ones take defaults, so older checkpoints still load.
+    """
+    sections = {}
+    for f in fields(Config):
+        known = {g.name for g in fields(f.default)}  # type: ignore[arg-type]
+        given = {k: v for k, v in (d.get(f.name) or {}).items() if k in known}
+        sections[f.name] = type(f.default)(**{**asdict(f.default), **given})
+    return Config(**sections)

@@ -1,0 +1,27 @@
+"""The loss-curve PNG logged with every run (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def loss_curve(log, path: str | Path) -> Path:
+    """log: a DataFrame with step and train_loss / val_loss columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
+        if col in log:
+            d = log[["step", col]].dropna()
+            ax.plot(d["step"], d[col], style, label=col.replace("_", " "), markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,47 @@
+"""Sampling text from a trained model: temperature, top-k, a seeded generator."""
+from __future__ import annotations
+
+import torch
+
+from lmpipe.errors import UserError
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """idx (B, T) → (B, T + max_new_tokens); the context is cropped to the model's block_size."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.block_size:])  # (B, T, vocab)
+        logits = logits[:, -1, :] / temperature  # (B, vocab)
+        if top_k > 0:
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float("inf")
+        probs = torch.softmax(logits.float(), dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)  # (B, 1)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx
+
+
+def generate_text(model: torch.nn.Module, tok, prompt: str = "", max_new_tokens: int = 300,
+                  temperature: float = 0.8, top_k: int = 0, seed: int = 1337, device: str = "cpu") -> str:
+    """Prompt → prompt + continuation. An empty prompt starts from a newline (or token 0)."""
+    if temperature <= 0:
+        raise UserError(f"temperature must be a positive number, got {temperature}")
+    if max_new_tokens <= 0:
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    ids = tok.encode(prompt) if prompt else []
+    if not ids:
+        ids = _start_ids(tok)
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    out = sample(model, torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
+                 temperature, top_k, gen)
+    text = tok.decode(out[0].tolist())
+    return text if prompt else text.lstrip("\n")
+
+
+def _start_ids(tok) -> list[int]:
+    try:
+        return tok.encode("\n") or [0]
+    except UserError:
+        return [0]

@@ -1,0 +1,190 @@
+"""The pipeline's stages as plain functions: prepare → tokenizer → train → evaluate → generate → register.
+
+Prefect tasks (tasks/) wrap these; DVC stages run them through `lmpipe stage NAME`. Stages talk
+through files under data/ and outputs/, and return small dicts of paths, ids and metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from lmpipe import data, tokenizer
+from lmpipe.config import Config
+from lmpipe.errors import UserError
+from lmpipe.fileio import atomic_write_text, file_md5
+from lmpipe.paths import METRICS, REGISTERED, SAMPLES, TOKEN_STATS, TOKENIZER_DIR, TRAIN_INFO
+
+FINGERPRINT = TOKENIZER_DIR / "fingerprint"  # what the tokenizer was built from (cache check)
+
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _read_json(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: not found; run 'lmpipe stage {stage}' (or 'lmpipe run') first")
+    return json.loads(path.read_text())
+
+
+def preflight(cfg: Config) -> None:
+    """Check what can be checked before any work: the corpus, the devices, the GPT-2 tokenizer.
+
+    Raises UserError, so a bad input stops `lmpipe run` before Prefect or MLflow start.
+    """
+    from lmpipe.device import pick_device
+
+    data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, cfg.model.block_size + 1)
+    pick_device(cfg.train.device)
+    pick_device(cfg.generate.device)
+    if cfg.tokenizer.kind == "gpt2":
+        tokenizer.load_gpt2(cfg.tokenizer.gpt2_path)
+
+
+# --- prepare -------------------------------------------------------------------------------------
+
+def prepare_cache_key(cfg: Config) -> str | None:
+    """The prepared data's fingerprint when data/prepared holds exactly that; None otherwise."""
+    src = data.resolve_source(cfg.data.source)
+    fp = data.fingerprint(src, cfg.data.val_fraction, cfg.data.seed)
+    meta = data.PREPARED_DIR / "meta.json"
+    ok = meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fp
+    return _code_hash("data.py", fp) if ok else None
+
+
+def prepare(cfg: Config) -> dict:
+    return data.prepare(cfg.data.source, cfg.data.val_fraction, cfg.data.seed,
+                        min_chars=cfg.model.block_size + 1)
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def _tokenizer_fingerprint(cfg: Config) -> str:
+    meta = data.load_meta()
+    parts = [json.dumps(asdict(cfg.tokenizer), sort_keys=True), file_md5(meta["train"]), file_md5(meta["val"])]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def tokenizer_cache_key(cfg: Config) -> str | None:
+    path = FINGERPRINT
+    if not (tokenizer.TOKENIZER_FILE.exists() and path.exists()):
+        return None
+    fp = _tokenizer_fingerprint(cfg)
+    return _code_hash("tokenizer.py", fp) if path.read_text() == fp else None
+
+
+def build_tokenizer(cfg: Config) -> dict:
+    """Build and save the tokenizer; write the stats table with token counts per split."""
+    import pandas as pd
+
+    meta = data.load_meta()
+    texts = {s: Path(meta[s]).read_text(encoding="utf-8") for s in ("train", "val")}
+    tok = tokenizer.build_tokenizer(cfg.tokenizer.kind, texts["train"], texts["val"],
+                                    cfg.tokenizer.vocab_size, cfg.tokenizer.gpt2_path)
+    stats = pd.read_csv(meta["stats"])
+    stats["tokens"] = [len(tok.encode(texts[s])) for s in stats["split"]]
+    stats["tokenizer"] = tok.kind
+    tokenizer.save(tok)
+    atomic_write_text(TOKEN_STATS, stats.to_csv(index=False))
+    atomic_write_text(FINGERPRINT, _tokenizer_fingerprint(cfg))
+    return {"tokenizer": str(tokenizer.TOKENIZER_FILE), "kind": tok.kind, "vocab_size": tok.vocab_size,
+            "stats": str(TOKEN_STATS)}
+
+
+def _code_hash(module_file: str, fp: str) -> str:
+    """Fold the stage's own source into its cache key: changed code means a changed stage."""
+    src = (Path(__file__).parent / module_file).read_bytes()
+    return hashlib.sha256(src + fp.encode()).hexdigest()
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+def train(cfg: Config, entry: str = "cli") -> dict:
+    """Train from scratch with periodic checkpoints, tracked in one MLflow run."""
+    from lmpipe.training_run import run_training
+
+    info = run_training(cfg, entry)
+    _write_json(TRAIN_INFO, info)
+    return info
+
+
+def _train_info(train_info: dict | None) -> dict:
+    return train_info or _read_json(TRAIN_INFO, "train")
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
+    """Val loss, perplexity and bits per byte of the final checkpoint → outputs/metrics.json + MLflow."""
+    import torch
+
+    from lmpipe import tracking
+    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.device import pick_device
+    from lmpipe.evaluation import evaluate as eval_model
+
+    info = _train_info(train_info)
+    device = pick_device(cfg.train.device)
+    ckpt = load_checkpoint(info["checkpoint"])
+    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    val_text = Path(data.load_meta()["val"]).read_text(encoding="utf-8")
+    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
+    metrics = eval_model(model, val_ids, len(val_text.encode()), ckpt["block_size"],
+                         cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
+    _write_json(METRICS, {**metrics, "step": ckpt["step"]})
+    tracking.setup(cfg.tracking.experiment)
+    import mlflow
+
+    mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step=ckpt["step"],
+                       run_id=info["run_id"], model_id=info.get("final_model_id"))
+    return metrics
+
+
+# --- generate ------------------------------------------------------------------------------------
+
+def generate(cfg: Config, train_info: dict | None = None) -> dict:
+    """Samples from the final checkpoint → outputs/samples.txt + an MLflow artifact."""
+    from lmpipe import tracking
+    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.device import pick_device
+    from lmpipe.sampling import generate_text
+
+    info = _train_info(train_info)
+    g = cfg.generate
+    device = pick_device(g.device)
+    ckpt = load_checkpoint(info["checkpoint"])
+    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    samples = [generate_text(model, tok, g.prompt, g.max_new_tokens, g.temperature, g.top_k, g.seed + i, device)
+               for i in range(g.num_samples)]
+    text = "\n\n-----\n\n".join(samples) + "\n"
+    atomic_write_text(SAMPLES, text)
+    tracking.setup(cfg.tracking.experiment)
+    import mlflow
+
+    mlflow.log_text(text, f"samples/step{ckpt['step']}.txt", run_id=info["run_id"])
+    return {"samples": str(SAMPLES), "text": samples[0]}
+
+
+# --- register ------------------------------------------------------------------------------------
+
+def registered_name(cfg: Config, source: str) -> str:
+    """One registered model per model type and data source."""
+    return cfg.tracking.model_name or f"lmpipe-{cfg.model.type}-{source}"
+
+
+def register(cfg: Config, train_info: dict | None = None) -> dict:
+    """Register the final checkpoint as a pyfunc model version → outputs/registered.json."""
+    from lmpipe import tracking
+
+    info = _train_info(train_info)
+    if not cfg.tracking.register:
+        result = {"registered": False}
+    else:
+        tracking.setup(cfg.tracking.experiment)
+        result = tracking.register_model(info["run_id"], Path(info["checkpoint"]),
+                                         registered_name(cfg, info["source"]), info["step"], cfg.flat())
+    _write_json(REGISTERED, result)
+    return result

@@ -1,0 +1,160 @@
+"""Tokenizers behind one interface: encode, decode, to_json/save, load, vocab_size.
+
+- char: the vocabulary (every character of the corpus) is stored in the file, so it rebuilds exactly.
+- bpe:  byte-level BPE trained on the train split with the `tokenizers` library.
+- gpt2: GPT-2's byte-level BPE, from a local model directory (or a hub name when online).
+
+The saved form is one JSON document; checkpoints embed it, so inference needs no data/ directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from lmpipe.errors import UserError
+from lmpipe.fileio import atomic_write_text
+from lmpipe.paths import TOKENIZER_FILE
+
+FORMAT = "lmpipe-tokenizer"
+EOT = "<|endoftext|>"
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            missing = sorted({c for c in text if c not in self.stoi})
+            shown = ", ".join(repr(c) for c in missing[:20])
+            raise UserError(
+                f"text has {len(missing)} character(s) unknown to the char tokenizer: {shown}; "
+                "remove them, or rebuild the tokenizer on data that contains them") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": 1, "kind": self.kind, "vocab": self.chars})
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` (byte-level BPE, trained here or GPT-2's)."""
+
+    def __init__(self, kind: str, tok):
+        self.kind = kind
+        self.tok = tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": 1, "kind": self.kind,
+                           "tokenizer": json.loads(self.tok.to_str())})
+
+
+Tokenizer = CharTokenizer | HFTokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return HFTokenizer("bpe", tok)
+
+
+def load_gpt2(name_or_path: str) -> HFTokenizer:
+    """GPT-2's tokenizer from a local directory (tokenizer.json, or vocab.json + merges.txt),
+    the local Hugging Face cache, or — only when HF_HUB_OFFLINE=0 — the hub."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        cached = _hf_cached_file(name_or_path)
+        path = cached.parent if cached else path
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer("gpt2", HFTok.from_file(str(path / "tokenizer.json")))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        tok = HFTok(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return HFTokenizer("gpt2", tok)
+    if os.environ.get("HF_HUB_OFFLINE", "1") in ("0", "false", "False"):
+        from transformers import AutoTokenizer
+
+        return HFTokenizer("gpt2", AutoTokenizer.from_pretrained(name_or_path).backend_tokenizer)
+    raise UserError(
+        f"tokenizer.gpt2_path {name_or_path!r}: no local directory with tokenizer.json or "
+        "vocab.json + merges.txt, and hub downloads are off; point it at a local GPT-2 model "
+        "directory, or set HF_HUB_OFFLINE=0 to allow a download")
+
+
+def _hf_cached_file(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        hit = try_to_load_from_cache(repo_id, "tokenizer.json")
+    except Exception:  # an invalid repo id is simply "not cached"
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int, gpt2_path: str) -> Tokenizer:
+    if kind == "char":
+        # Both splits: a character seen only in validation must still be encodable.
+        return CharTokenizer(train_text + val_text)
+    if kind == "bpe":
+        return train_bpe([train_text], vocab_size)
+    if kind == "gpt2":
+        return load_gpt2(gpt2_path)
+    raise UserError(f"tokenizer.kind must be one of char, bpe, gpt2, got {kind!r}")
+
+
+def from_json(text: str) -> Tokenizer:
+    spec = json.loads(text)
+    if spec.get("format") != FORMAT:
+        raise UserError("tokenizer JSON is not an lmpipe tokenizer (missing format 'lmpipe-tokenizer')")
+    if spec["kind"] == "char":
+        return CharTokenizer(spec["vocab"])
+    from tokenizers import Tokenizer as HFTok
+
+    return HFTokenizer(spec["kind"], HFTok.from_str(json.dumps(spec["tokenizer"])))
+
+
+def save(tok: Tokenizer, path: str | Path = TOKENIZER_FILE) -> Path:
+    atomic_write_text(path, tok.to_json())
+    return Path(path)
+
+
+def load(path: str | Path = TOKENIZER_FILE) -> Tokenizer:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: tokenizer not found; run 'lmpipe stage tokenizer' (or 'lmpipe run') first")
+    return from_json(path.read_text(encoding="utf-8"))

@@ -1,0 +1,160 @@
+"""The training loop: AdamW, linear warmup + cosine decay, gradient clipping, periodic evaluation.
+
+One plain function with callbacks (no Trainer class): the caller decides what a "log" or a
+"checkpoint" does (MLflow, files), so the loop itself knows nothing of tracking or storage.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lmpipe.config import TrainConfig
+
+
+@dataclass
+class Callbacks:
+    on_log: Callable[[int, dict], None] | None = None  # every log_interval steps: train metrics
+    on_eval: Callable[[int, dict], None] | None = None  # every eval_interval steps: val metrics
+    should_save: Callable[[int], bool] = lambda step: False
+    on_save: Callable[[int, "TrainState"], None] | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything the loop carries between steps."""
+    step: int = 0
+    best_val_loss: float = float("inf")
+    last_val_loss: float = float("nan")
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup for warmup_steps, then cosine decay from lr to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms), as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def get_batch(data: torch.Tensor, block_size: int, batch_size: int, gen: torch.Generator,
+              device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)  # (B,)
+    x = torch.stack([data[i:i + block_size] for i in ix.tolist()])  # (B, T)
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix.tolist()])  # (B, T)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, batch_size: int,
+                  batches: int, seed: int, device: str) -> float:
+    """Mean loss on `batches` random batches; a fixed seed makes successive evaluations comparable
+    and leaves the training sampler's state untouched."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    losses = [model(*get_batch(data, block_size, batch_size, gen, device))[1].item() for _ in range(batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
+          val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
+          callbacks: Callbacks | None = None, state: TrainState | None = None,
+          gen: torch.Generator | None = None) -> TrainState:
+    """Train from state.step to cfg.steps; returns the final state."""
+    cb = callbacks or Callbacks()
+    state = state or TrainState()
+    gen = gen or torch.Generator().manual_seed(cfg.seed)
+    progress = _Progress(state.step, cfg.steps)
+    tokens_per_step = cfg.batch_size * block_size
+    model.train()
+    window_losses: list[float] = []
+    t0 = time.perf_counter()
+    while state.step < cfg.steps:
+        lr = lr_at(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = get_batch(train_data, block_size, cfg.batch_size, gen, device)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        state.step += 1
+        window_losses.append(loss.item())
+
+        if state.step % cfg.log_interval == 0 or state.step == cfg.steps:
+            dt = time.perf_counter() - t0
+            metrics = {"train_loss": sum(window_losses) / len(window_losses), "lr": lr,
+                       "tokens_per_sec": tokens_per_step * len(window_losses) / max(dt, 1e-9)}
+            state.history.append({"step": state.step, **metrics})
+            progress.update(state.step, metrics)
+            if cb.on_log:
+                cb.on_log(state.step, metrics)
+            window_losses, t0 = [], time.perf_counter()
+        saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == cfg.steps)
+        if saving or state.step % cfg.eval_interval == 0 or state.step == cfg.steps:  # every checkpoint gets a val loss
+            val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches,
+                                cfg.seed + 1, device)
+            state.last_val_loss = val
+            state.best_val_loss = min(state.best_val_loss, val)
+            state.history.append({"step": state.step, "val_loss": val})
+            progress.note(f"step {state.step}: val loss {val:.4f}")
+            if cb.on_eval:
+                cb.on_eval(state.step, {"val_loss": val})
+        if saving:
+            cb.on_save(state.step, state)
+    progress.close()
+    return state
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (CI, pipes, DVC)."""
+
+    def __init__(self, start: int, total: int):
+        self.total = total
+        self.start_time = time.perf_counter()
+        self.start = self.last_printed = start
+        self.every = max(1, (total - start) // 20)  # plain mode: about 20 lines per run
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['train_loss']:.4f}", tok_s=f"{m['tokens_per_sec']:,.0f}")
+            return
+        if step - self.last_printed < self.every and step != self.total:
+            return
+        self.last_printed = step
+        done = step - self.start
+        eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.total - step)
+        print(f"step {step}/{self.total} | loss {m['train_loss']:.4f} | lr {m['lr']:.2e} | "
+              f"{m['tokens_per_sec']:,.0f} tok/s | eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

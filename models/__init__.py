@@ -1,0 +1,28 @@
+"""Model registry: one key per architecture, the same key as params.yaml's model.type.
+
+Adding an architecture is local: a file with a config dataclass and a module, and one line here.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+MODELS = {
+    # key: (module, config class, model class); imported lazily so `import models` stays cheap.
+    "bigram": ("models.bigram", "BigramConfig", "Bigram"),
+    "gpt": ("models.gpt", "GPTConfig", "GPT"),
+}
+
+
+def build_model(config: dict[str, Any]):
+    """config: {"type": key, "vocab_size": V, ...architecture keys}; keys a model does not use are ignored."""
+    import importlib
+
+    kind = config["type"]
+    if kind not in MODELS:
+        raise ValueError(f"model.type must be one of {', '.join(MODELS)}, got {kind!r}")
+    module_name, config_name, model_name = MODELS[kind]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    known = {f.name for f in fields(config_cls)}
+    return getattr(module, model_name)(config_cls(**{k: v for k, v in config.items() if k in known}))

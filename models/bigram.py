@@ -1,0 +1,29 @@
+"""The bigram baseline: each token's logits for the next token come from a single lookup table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class BigramConfig:
+    vocab_size: int
+    block_size: int = 64  # only crops the context at sampling time; the model looks at one token
+
+
+class Bigram(nn.Module):
+    def __init__(self, cfg: BigramConfig):
+        super().__init__()
+        self.config = cfg
+        self.block_size = cfg.block_size
+        self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.vocab_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.token_embedding_table(idx)  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss

@@ -1,0 +1,10 @@
+from prefect import task
+
+from lmpipe import stages
+from lmpipe.config import config_from_dict
+
+
+@task(name="register_model", retries=2, retry_delay_seconds=5)
+def register_model(config: dict, trained: dict) -> dict:
+    """Register the final checkpoint as a pyfunc model version in the MLflow registry."""
+    return stages.register(config_from_dict(config), trained)
