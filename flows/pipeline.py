@@ -7,9 +7,9 @@ from prefect import flow
 from lmpipe.config import Config, load_config
 from tasks.evaluate import evaluate_model
 from tasks.generate import generate_text
-from tasks.prepare import prepare_data
+from tasks.prepare import prepare_data_cached
 from tasks.register import register_model
-from tasks.tokenize import build_tokenizer
+from tasks.tokenize import build_tokenizer_cached
 from tasks.train import train_model
 
 
@@ -17,8 +17,8 @@ from tasks.train import train_model
 def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
     """Run every stage with params.yaml (+ environment, + `-S` overrides)."""
     config = load_config(params_file, overrides or []).to_dict()
-    prepared = prepare_data(config)
-    tokenizer = build_tokenizer(config, prepared)
+    prepared = prepare_data_cached(config)
+    tokenizer = build_tokenizer_cached(config, prepared)
     trained = train_model(config, tokenizer)
     metrics = evaluate_model(config, trained)
     sample = generate_text(config, trained)

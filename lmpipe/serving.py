@@ -3,15 +3,8 @@
 mlflow.pyfunc.load_model("models:/<name>/<version>").predict(pd.DataFrame({"prompt": [...]}),
 params={"max_new_tokens": 100, "temperature": 0.8}) → a list of strings.
 """
-from __future__ import annotations
-
-import warnings
-
 import mlflow.pyfunc
-
-# The signature is given explicitly at logging time (with a params schema); MLflow's suggestion to
-# infer it from type hints does not apply.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method.*")
+import pandas as pd
 
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
@@ -24,7 +17,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.model = model_from_checkpoint(ckpt, self.device)
         self.tok = tokenizer_from_checkpoint(ckpt)
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from lmpipe.sampling import generate_text
 
         p = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "seed": 1337, **(params or {})}

@@ -46,13 +46,18 @@ def preflight(cfg: Config) -> None:
 
 # --- prepare -------------------------------------------------------------------------------------
 
-def prepare_cache_key(cfg: Config) -> str | None:
-    """The prepared data's fingerprint when data/prepared holds exactly that; None otherwise."""
+def prepare_fingerprint(cfg: Config) -> str:
+    """Changes with the corpus bytes, the split settings or data.py: the prepare stage's cache key."""
+    src = data.resolve_source(cfg.data.source)
+    return _code_hash("data.py", data.fingerprint(src, cfg.data.val_fraction, cfg.data.seed))
+
+
+def prepared_is_current(cfg: Config) -> bool:
+    """data/prepared holds what these settings would produce (so a cached result may be reused)."""
+    meta = data.PREPARED_DIR / "meta.json"
     src = data.resolve_source(cfg.data.source)
     fp = data.fingerprint(src, cfg.data.val_fraction, cfg.data.seed)
-    meta = data.PREPARED_DIR / "meta.json"
-    ok = meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fp
-    return _code_hash("data.py", fp) if ok else None
+    return meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fp
 
 
 def prepare(cfg: Config) -> dict:
@@ -62,18 +67,16 @@ def prepare(cfg: Config) -> dict:
 
 # --- tokenizer -----------------------------------------------------------------------------------
 
-def _tokenizer_fingerprint(cfg: Config) -> str:
+def tokenizer_fingerprint(cfg: Config) -> str:
+    """Changes with the tokenizer settings, the prepared splits or tokenizer.py: its cache key."""
     meta = data.load_meta()
     parts = [json.dumps(asdict(cfg.tokenizer), sort_keys=True), file_md5(meta["train"]), file_md5(meta["val"])]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    return _code_hash("tokenizer.py", hashlib.sha256("|".join(parts).encode()).hexdigest())
 
 
-def tokenizer_cache_key(cfg: Config) -> str | None:
-    path = FINGERPRINT
-    if not (tokenizer.TOKENIZER_FILE.exists() and path.exists()):
-        return None
-    fp = _tokenizer_fingerprint(cfg)
-    return _code_hash("tokenizer.py", fp) if path.read_text() == fp else None
+def tokenizer_is_current(cfg: Config) -> bool:
+    return (tokenizer.TOKENIZER_FILE.exists() and FINGERPRINT.exists()
+            and FINGERPRINT.read_text() == tokenizer_fingerprint(cfg))
 
 
 def build_tokenizer(cfg: Config) -> dict:
@@ -89,7 +92,7 @@ def build_tokenizer(cfg: Config) -> dict:
     stats["tokenizer"] = tok.kind
     tokenizer.save(tok)
     atomic_write_text(TOKEN_STATS, stats.to_csv(index=False))
-    atomic_write_text(FINGERPRINT, _tokenizer_fingerprint(cfg))
+    atomic_write_text(FINGERPRINT, tokenizer_fingerprint(cfg))
     return {"tokenizer": str(tokenizer.TOKENIZER_FILE), "kind": tok.kind, "vocab_size": tok.vocab_size,
             "stats": str(TOKEN_STATS)}
 

@@ -108,9 +108,7 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 200), ParamSpec("temperature", "double", 0.8),
                             ParamSpec("top_k", "long", 0), ParamSpec("seed", "long", 1337)]))
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature is explicit (with a params schema), so MLflow's type-hint and
-        # input-example suggestions do not apply.
-        warnings.filterwarnings("ignore", message=".*(type hints|input_example|input example).*")
+        warnings.filterwarnings("ignore", message=r".*input[ _]example")  # explicit signature instead
         info = mlflow.pyfunc.log_model(
             # Models from code: the model is this file plus the code paths, nothing is pickled.
             name="model", python_model=str(root / "lmpipe" / "serving_model.py"),

@@ -4,11 +4,17 @@ from lmpipe import stages
 from lmpipe.config import config_from_dict
 
 
-def _cache_key(ctx, params: dict) -> str | None:
-    return stages.tokenizer_cache_key(config_from_dict(params["config"]))
+def _cache_key(ctx, params: dict) -> str:
+    return stages.tokenizer_fingerprint(config_from_dict(params["config"]))
 
 
 @task(name="build_tokenizer", cache_key_fn=_cache_key, persist_result=True)
 def build_tokenizer(config: dict, prepared: dict) -> dict:
-    """Build the tokenizer from the prepared splits; cached while they and the settings are unchanged."""
+    """Build the tokenizer from the prepared splits; cached by them and the settings."""
     return stages.build_tokenizer(config_from_dict(config))
+
+
+def build_tokenizer_cached(config: dict, prepared: dict) -> dict:
+    """build_tokenizer, served from the cache only while data/tokenizer still holds that result."""
+    current = stages.tokenizer_is_current(config_from_dict(config))
+    return build_tokenizer.with_options(refresh_cache=not current)(config, prepared)
