@@ -33,7 +33,7 @@ def tiny_corpus() -> str:
     return "# Dear Agnes\n\n" + "\n".join(letters)
 
 
-TINY_PARAMS = {
+_TINY = {
     "data": {"source": "data/corpus.md", "val_fraction": 0.2, "seed": 1},
     "tokenizer": {"kind": "char", "vocab_size": 300},
     "model": {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "dropout": 0.0},
@@ -44,6 +44,9 @@ TINY_PARAMS = {
     "generate": {"prompt": "Dear Agnes,", "max_new_tokens": 20, "device": "cpu"},
     "tracking": {"experiment": "lmpipe-test"},
 }
+# The repo's params.yaml with tiny values: every key DVC tracks is present.
+TINY_PARAMS = {section: {**values, **_TINY.get(section, {})}
+               for section, values in yaml.safe_load((REPO / "params.yaml").read_text()).items()}
 
 
 @pytest.fixture
