@@ -127,6 +127,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
     return model.to(device).eval()
 
 
+def load_for_inference(path: str | Path, device: str = "cpu"):
+    """(checkpoint dict, model in eval mode on `device`, tokenizer) from one checkpoint file."""
+    ckpt = load_checkpoint(path)
+    return ckpt, model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+
+
 def tokenizer_from_checkpoint(ckpt: dict[str, Any]):
     from lmpipe import tokenizer
 

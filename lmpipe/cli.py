@@ -118,7 +118,7 @@ def summary(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.checkpoint import load_for_inference, resolve_checkpoint
     from lmpipe.device import pick_device
     from lmpipe.sampling import generate_text
 
@@ -126,8 +126,7 @@ def cmd_generate(args) -> int:
     g = cfg.generate
     path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir)
     device = pick_device(args.device or g.device)
-    ckpt = load_checkpoint(path)
-    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    ckpt, model, tok = load_for_inference(path, device)
     pick = lambda a, d: d if a is None else a  # noqa: E731
     text = generate_text(model, tok, pick(args.prompt, g.prompt), pick(args.max_new_tokens, g.max_new_tokens),
                          pick(args.temperature, g.temperature), pick(args.top_k, g.top_k),

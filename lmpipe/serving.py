@@ -9,13 +9,11 @@ import pandas as pd
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+        from lmpipe.checkpoint import load_for_inference
         from lmpipe.device import pick_device
 
         self.device = pick_device("auto")
-        ckpt = load_checkpoint(context.artifacts["checkpoint"])
-        self.model = model_from_checkpoint(ckpt, self.device)
-        self.tok = tokenizer_from_checkpoint(ckpt)
+        _, self.model, self.tok = load_for_inference(context.artifacts["checkpoint"], self.device)
 
     # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:

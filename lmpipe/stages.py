@@ -125,14 +125,13 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
     import torch
 
     from lmpipe import tracking
-    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.checkpoint import load_for_inference
     from lmpipe.device import pick_device
     from lmpipe.evaluation import evaluate as eval_model
 
     info = _train_info(train_info)
     device = pick_device(cfg.train.device)
-    ckpt = load_checkpoint(info["checkpoint"])
-    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    ckpt, model, tok = load_for_inference(info["checkpoint"], device)
     val_text = Path(data.load_meta()["val"]).read_text(encoding="utf-8")
     val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
     metrics = eval_model(model, val_ids, len(val_text.encode()), ckpt["block_size"],
@@ -151,15 +150,14 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
 def generate(cfg: Config, train_info: dict | None = None) -> dict:
     """Samples from the final checkpoint → outputs/samples.txt + an MLflow artifact."""
     from lmpipe import tracking
-    from lmpipe.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.checkpoint import load_for_inference
     from lmpipe.device import pick_device
     from lmpipe.sampling import generate_text
 
     info = _train_info(train_info)
     g = cfg.generate
     device = pick_device(g.device)
-    ckpt = load_checkpoint(info["checkpoint"])
-    model, tok = model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
+    ckpt, model, tok = load_for_inference(info["checkpoint"], device)
     samples = [generate_text(model, tok, g.prompt, g.max_new_tokens, g.temperature, g.top_k, g.seed + i, device)
                for i in range(g.num_samples)]
     text = "\n\n-----\n\n".join(samples) + "\n"
