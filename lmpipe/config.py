@@ -61,13 +61,18 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"
+    resume: str = ""  # "": start fresh; "latest" or a checkpoint path: resume (explicit, tracked by DVC)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    enabled: bool = True
+    enabled: bool = True  # periodic checkpoints; the final step is always saved
     interval: int = 500
     dir: str = "checkpoints"
+    async_save: bool = True  # params.yaml key: checkpoint.async
+    keep_last: int = 0  # retention: 0 keeps every checkpoint
+    keep_best: int = 1  # ... plus the best K by validation loss
+    keep_every: int = 0  # ... plus every M-th step as a milestone (0: none)
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,10 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "TRAINING_DATA_SOURCE": ("data.source",),
     "DEVICE": ("train.device", "generate.device"),
 }
+
+
+# params.yaml keys that are not Python identifiers → the field that holds them
+ALIASES = {"checkpoint.async": "checkpoint.async_save"}
 
 
 def _pos_int(v: Any) -> bool:
@@ -187,6 +196,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.device": _one_of(DEVICES),
     "checkpoint.interval": POS_INT,
     "checkpoint.dir": NONEMPTY,
+    "checkpoint.keep_last": NONNEG_INT,
+    "checkpoint.keep_best": NONNEG_INT,
+    "checkpoint.keep_every": NONNEG_INT,
     "evaluate.batch_size": POS_INT,
     "evaluate.max_batches": NONNEG_INT,
     "generate.max_new_tokens": POS_INT,
@@ -257,6 +269,7 @@ def load_config(
     origin: dict[str, str] = {}
 
     def put(key: str, value: Any, where: str) -> None:
+        key = ALIASES.get(key, key)
         section, _, name = key.partition(".")
         known = _sections()
         if section not in known:
@@ -284,7 +297,7 @@ def load_config(
         except ConfigError as e:
             problems.extend(e.problems)
             continue
-        put(key, _yaml_scalar(value), "-S")
+        put(key, value, "-S")  # raw text: each field's type decides how to read it
 
     cfg = _build(raw, origin, problems)
     if problems:
@@ -308,15 +321,6 @@ def _read_params(params_file: str | Path | None, problems: list[str]) -> dict[st
     return data
 
 
-def _yaml_scalar(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
 def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: list[str]) -> Config:
     sections = {}
     for f in fields(Config):
@@ -336,9 +340,10 @@ def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: lis
         sections[f.name] = type(f.default)(**{**asdict(f.default), **values})
     cfg = Config(**sections)
     m = cfg.model
-    if m.n_embd % m.n_head:
+    bad = {p.split(" ", 1)[0] for p in problems}
+    if not {"model.n_embd", "model.n_head"} & bad and m.n_embd % m.n_head:
         problems.append(f"model.n_embd must be divisible by model.n_head, got n_embd={m.n_embd}, n_head={m.n_head}")
-    if cfg.train.min_lr > cfg.train.lr:
+    if not {"train.lr", "train.min_lr"} & bad and cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr must be <= train.lr, got min_lr={cfg.train.min_lr}, lr={cfg.train.lr}")
     return cfg
 

@@ -40,11 +40,12 @@ def resolve_source(source: str, root: Path = Path(".")) -> Source:
             f"data.source {source!r}: no such file, directory or bundled corpus; "
             f"give a path to a .md/.txt file or directory, or one of: {', '.join(bundled)}")
     if found.is_dir():
-        files = tuple(sorted(p for p in found.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES))
+        files = tuple(sorted(p for p in found.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                             and not any(part.startswith(".") for part in p.relative_to(found).parts)))
         if not files:
             raise UserError(f"data.source {str(found)!r}: directory has no .md or .txt files; add some")
     else:
-        if found.suffix not in TEXT_SUFFIXES:
+        if found.suffix.lower() not in TEXT_SUFFIXES:
             raise UserError(f"data.source {str(found)!r}: expected a .md or .txt file, got {found.suffix or 'no suffix'}")
         files = (found,)
     return Source(source_name(found.stem if found.is_file() else found.name), files)
@@ -129,7 +130,7 @@ def split_corpus(source_spec: str, val_fraction: float, seed: int, min_chars: in
         text = read_text(f)
         if not text.strip():
             raise UserError(f"{f}: empty or whitespace-only; add text or remove the file from {source_spec!r}")
-        docs.extend(split_documents(text, markdown=f.suffix == ".md"))
+        docs.extend(split_documents(text, markdown=f.suffix.lower() == ".md"))
     unique = dedupe(docs)
     train, val = split_train_val(unique, val_fraction, seed)
     corpus = Corpus(source, train, val, len(docs))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmpipe.fileio import atomic_open
+
 
 def loss_curve(log, path: str | Path) -> Path:
     """log: a DataFrame with step and train_loss / val_loss columns."""
@@ -21,7 +23,7 @@ def loss_curve(log, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
     return Path(path)

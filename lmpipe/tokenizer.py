@@ -138,14 +138,21 @@ def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int, 
 
 
 def from_json(text: str) -> Tokenizer:
-    spec = json.loads(text)
-    if spec.get("format") != FORMAT:
-        raise UserError("tokenizer JSON is not an lmpipe tokenizer (missing format 'lmpipe-tokenizer')")
-    if spec["kind"] == "char":
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"tokenizer is not valid JSON ({e}); rebuild it with 'lmpipe stage tokenizer'") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+        raise UserError("tokenizer JSON is not an lmpipe tokenizer (missing format 'lmpipe-tokenizer'); "
+                        "rebuild it with 'lmpipe stage tokenizer'")
+    kind = spec.get("kind")
+    if kind == "char" and isinstance(spec.get("vocab"), list):
         return CharTokenizer(spec["vocab"])
-    from tokenizers import Tokenizer as HFTok
+    if kind in ("bpe", "gpt2") and isinstance(spec.get("tokenizer"), dict):
+        from tokenizers import Tokenizer as HFTok
 
-    return HFTokenizer(spec["kind"], HFTok.from_str(json.dumps(spec["tokenizer"])))
+        return HFTokenizer(kind, HFTok.from_str(json.dumps(spec["tokenizer"])))
+    raise UserError(f"tokenizer JSON of kind {kind!r} is incomplete or unknown; rebuild it with 'lmpipe stage tokenizer'")
 
 
 def save(tok: Tokenizer, path: str | Path = TOKENIZER_FILE) -> Path:

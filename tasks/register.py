@@ -4,7 +4,7 @@ from lmpipe import stages
 from lmpipe.config import config_from_dict
 
 
-@task(name="register_model", retries=2, retry_delay_seconds=5)
+@task(name="register_model")  # no retries: a retry after a half-done registration would add a version
 def register_model(config: dict, trained: dict) -> dict:
     """Register the final checkpoint as a pyfunc model version in the MLflow registry."""
     return stages.register(config_from_dict(config), trained)
