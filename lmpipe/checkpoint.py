@@ -1,22 +1,32 @@
-"""All checkpoint reading and writing: names, atomic saves, safe loads, finding the latest.
+"""All checkpoint reading and writing: names, atomic saves, the integrity manifest, safe loads,
+verification, finding the latest or a given step.
 
 A checkpoint is data, not objects: state_dicts plus JSON-able metadata, loadable with
 `torch.load(path, weights_only=True)`. Keys follow the seed guide (model_state_dict,
 optimizer_state_dict, hyperparameters, vocab_size, block_size, batch_size, step) plus the
-tokenizer JSON (inference needs no data/ directory) and a format version.
+tokenizer JSON (inference needs no data/ directory), the full training state and a format version.
+
+Each directory has a manifest.json recording every checkpoint's sha256, size, step, metrics and run
+id. A save writes a temporary file, fsyncs it, records it in the manifest, then renames it into
+place: every file under a checkpoint's name is complete and has a manifest entry.
 """
 from __future__ import annotations
 
 import glob
+import json
+import os
 import re
+import sys
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import UserError
-from lmpipe.fileio import atomic_open
+from lmpipe.fileio import HashingWriter, atomic_open, atomic_write_text, file_sha256, stale_temporaries
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
+MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("model_state_dict", "hyperparameters", "vocab_size", "block_size", "step", "tokenizer")
 NAME_RE = re.compile(r"^checkpoint_(?P<model>[a-z0-9]+)_(?P<source>.+)_step(?P<step>\d+)_(?P<time>\d{8}_\d{6})\.pt$")
 _COMPILE_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel wrappers
@@ -36,15 +46,113 @@ def parse_filename(path: str | Path) -> dict[str, Any] | None:
             "time": datetime.strptime(m["time"], "%m%d%Y_%H%M%S")}
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write atomically: a crash leaves the previous file or the new one, never a partial one."""
+def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> dict[str, Any]:
+    """Write atomically and record sha256/size in the manifest; return the manifest entry.
+
+    abort: a threading.Event; once set, the write stops with SaveAbandoned and leaves nothing behind.
+    """
     import torch
 
+    path = Path(path)
     payload = {**payload, "format_version": FORMAT_VERSION}
     payload["model_state_dict"] = strip_prefixes(payload["model_state_dict"])
-    with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
-    return Path(path)
+    entry: dict[str, Any] = {}
+
+    def record(tmp: Path) -> None:
+        entry.update(file=path.name, sha256=writer.sha256.hexdigest(), size=writer.size,
+                     step=payload.get("step"), run_id=payload.get("run_id"),
+                     metrics=_finite(payload.get("metrics", {})), created=datetime.now().isoformat())
+        _update_manifest(path.parent, lambda m: m.__setitem__(path.name, entry))
+
+    with atomic_open(path, "wb", before_commit=record) as f:
+        writer = HashingWriter(f, abort)
+        torch.save(payload, writer)
+    return entry
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
+
+
+# --- manifest ----------------------------------------------------------------------------------
+
+def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """{file name: {sha256, size, step, run_id, metrics, created}}; {} if there is none."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["checkpoints"]
+    except (ValueError, KeyError):
+        warn(f"{path}: unreadable manifest; checkpoints in {directory} will be verified by loading them")
+        return {}
+
+
+def _update_manifest(directory: Path, change) -> None:
+    entries = read_manifest(directory)
+    change(entries)
+    atomic_write_text(directory / MANIFEST, json.dumps(
+        {"format": "lmpipe-checkpoint-manifest", "version": 1, "checkpoints": entries}, indent=1) + "\n")
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Remove the file, then its manifest entry (a crash in between leaves a dangling entry,
+    which verification reports as missing and clean_directory drops)."""
+    path.unlink(missing_ok=True)
+    _update_manifest(path.parent, lambda m: m.pop(path.name, None))
+
+
+def clean_directory(directory: str | Path) -> list[str]:
+    """At start: delete temporaries of interrupted saves and manifest entries without a file."""
+    directory = Path(directory)
+    notes = []
+    for tmp in stale_temporaries(directory):
+        tmp.unlink(missing_ok=True)
+        notes.append(f"removed the temporary of an interrupted save: {tmp.name}")
+    dangling = [n for n in read_manifest(directory) if not (directory / n).exists()]
+    if dangling:
+        _update_manifest(directory, lambda m: [m.pop(n) for n in dangling])
+        notes.append(f"dropped {len(dangling)} manifest entr{'y' if len(dangling) == 1 else 'ies'} without a file")
+    return notes
+
+
+@dataclass(frozen=True)
+class Verification:
+    status: str  # ok | unverified (no manifest entry) | corrupt | missing
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
+    """Check size and sha256 against the manifest. deep=True also loads a file that has no
+    manifest entry (weights_only) and accepts it if it is a complete lmpipe checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        return Verification("missing", f"{path}: no such file")
+    entry = read_manifest(path.parent).get(path.name)
+    if entry is None:
+        if not deep:
+            return Verification("unverified", f"{path.name} has no entry in {path.parent / MANIFEST}")
+        try:
+            load_checkpoint(path)
+        except UserError as e:
+            return Verification("corrupt", str(e))
+        return Verification("ok", "no manifest entry, but it loads completely")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return Verification("corrupt", f"{path.name} is {size} bytes, the manifest records {entry['size']} "
+                                       "(truncated or overwritten)")
+    if file_sha256(path) != entry["sha256"]:
+        return Verification("corrupt", f"{path.name}: sha256 differs from the manifest (the file changed "
+                                       "after it was written: disk error or tampering)")
+    return Verification("ok")
+
+
+def warn(message: str) -> None:
+    print(f"lmpipe: warning: {message}", file=sys.stderr, flush=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -100,20 +208,72 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime, (parse_filename(p) or {}).get("step", 0)))
 
 
-def resolve_checkpoint(spec: str, directory: str | Path) -> Path:
-    """'latest' → the newest checkpoint in `directory`; a glob → its newest match; else the path."""
+def latest_verified(directory: str | Path, candidates: list[Path] | None = None) -> Path:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped, never deleted."""
+    found = list_checkpoints(directory) if candidates is None else candidates
+    for path in reversed(found):
+        v = verify_checkpoint(path, deep=True)
+        if v.ok:
+            return path
+        warn(f"skipping {v.status} checkpoint {path} ({v.detail}); it is kept in place")
+    if not found:
+        raise UserError(f"Checkpoint not found: no checkpoints in {directory}/; train first "
+                        "('lmpipe run') or pass --checkpoint PATH")
+    raise UserError(f"no checkpoint in {directory}/ verifies ({len(found)} checked); "
+                    "retrain, or inspect them with 'lmpipe ckpt verify'")
+
+
+def resolve_step(directory: str | Path, step: int) -> Path:
+    """The checkpoint at `step`, or the nearest earlier one that verifies (and say so)."""
+    found = [p for p in list_checkpoints(directory) if (parse_filename(p) or {}).get("step", -1) <= step]
+    found.sort(key=lambda p: parse_filename(p)["step"])  # stable: newest last among equal steps
+    if not found:
+        steps = sorted({parse_filename(p)["step"] for p in list_checkpoints(directory) if parse_filename(p)})
+        raise UserError(f"Checkpoint not found: no checkpoint at or before step {step} in {directory}/; "
+                        f"available steps: {', '.join(map(str, steps)) or 'none'}")
+    path = latest_verified(directory, found)
+    got = parse_filename(path)["step"]
+    if got != step:
+        warn(f"no checkpoint at step {step}; using step {got}, the nearest earlier one: {path}")
+    return path
+
+
+def resolve_checkpoint(spec: str, directory: str | Path, step: int | None = None) -> Path:
+    """'latest' → the newest verified checkpoint in `directory` (or the nearest at/before `step`);
+    a glob → its newest match; else the path."""
     if spec == "latest":
-        found = list_checkpoints(directory)
-        if not found:
-            raise UserError(f"Checkpoint not found: no checkpoints in {directory}/; train first "
-                            "('lmpipe run') or pass --checkpoint PATH")
-        return found[-1]
+        return resolve_step(directory, step) if step is not None else latest_verified(directory)
     if any(c in spec for c in "*?["):
-        matches = sorted(glob.glob(spec), key=lambda p: Path(p).stat().st_mtime)
+        matches = sorted(glob.glob(os.path.expanduser(spec)), key=lambda p: Path(p).stat().st_mtime)
         if not matches:
             raise UserError(f"Checkpoint not found: nothing matches {spec!r}; list checkpoints with 'ls {directory}/'")
         return Path(matches[-1])
     return Path(spec)
+
+
+def check_optimizer_state(ckpt: dict[str, Any], optimizer, path: str | Path) -> None:
+    """Refuse optimizer state that does not fit the model's parameter groups (count, shapes) or
+    holds NaN/Inf, with the command that resumes anyway."""
+    import torch
+
+    fix = "resume with --no-optimizer --warmup K to restart the optimizer with a short LR re-warmup"
+    saved = ckpt.get("optimizer_state_dict")
+    if not saved or "param_groups" not in saved:
+        raise UserError(f"{path}: checkpoint has no optimizer state; {fix}")
+    now, then = optimizer.param_groups, saved["param_groups"]
+    if [len(g["params"]) for g in now] != [len(g["params"]) for g in then]:
+        raise UserError(f"{path}: optimizer state has parameter groups of sizes "
+                        f"{[len(g['params']) for g in then]}, the model has {[len(g['params']) for g in now]}; {fix}")
+    params = [p for g in now for p in g["params"]]
+    for idx, st in saved.get("state", {}).items():
+        for key, value in st.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                continue
+            if value.shape != params[idx].shape:
+                raise UserError(f"{path}: optimizer {key} of parameter {idx} has shape {tuple(value.shape)}, "
+                                f"the parameter has {tuple(params[idx].shape)}; {fix}")
+            if not torch.isfinite(value).all():
+                raise UserError(f"{path}: optimizer {key} of parameter {idx} contains NaN or Inf; {fix}")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
@@ -123,7 +283,15 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
     model_cfg = {**ckpt["hyperparameters"]["model"], "vocab_size": ckpt["vocab_size"],
                  "block_size": ckpt["block_size"]}
     model = build_model(model_cfg)
-    model.load_state_dict(ckpt["model_state_dict"])
+    expected = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+                  for k, v in ckpt["model_state_dict"].items() if k in expected and v.shape != expected[k].shape]
+    missing = sorted(set(expected) - set(ckpt["model_state_dict"]))
+    if mismatched or missing:
+        raise UserError(f"checkpoint weights do not fit a {model_cfg['type']} model built from its own "
+                        f"hyperparameters ({'; '.join(mismatched[:5]) or 'missing ' + ', '.join(missing[:5])}); "
+                        "the file was edited or written by another program")
+    model.load_state_dict(ckpt["model_state_dict"], strict=False)
     return model.to(device).eval()
 
 

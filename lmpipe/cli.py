@@ -30,6 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=STAGES)
     _add_config_args(p)
 
+    p = sub.add_parser("resume", help="resume training from a checkpoint",
+                       description="Without --steps, training continues to the run's planned total, bit-exact "
+                                   "with an uninterrupted run. --steps N trains N more steps, the cosine decay "
+                                   "continuing from the checkpoint's LR down to train.min_lr at the new end; "
+                                   "--lr X restarts that decay from peak X.")
+    p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default): the newest "
+                                                          "checkpoint in checkpoint.dir that verifies")
+    p.add_argument("--step", type=int, default=None, help="with 'latest': that step, or the nearest earlier one")
+    p.add_argument("--steps", type=int, default=None, help="train N more steps past the checkpoint")
+    p.add_argument("--lr", type=float, default=None, help="restart the schedule from this peak learning rate")
+    p.add_argument("--source", default=None, help="continue on new data (a .md/.txt file or directory)")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="start a fresh optimizer (skip saved optimizer state) with an LR re-warmup")
+    p.add_argument("--warmup", type=int, default=None, help="re-warmup steps (default with --no-optimizer: 100)")
+    _add_config_args(p)
+
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
     p.add_argument("--prompt", default=None)
@@ -58,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as e:
         for line in str(e).splitlines():
-            print(f"lmpipe: error: {line}", file=sys.stderr)
+            print(f"lmpipe: {e.prefix}{line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lmpipe: interrupted", file=sys.stderr)
@@ -79,9 +95,17 @@ def cmd_config(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    import os
+
     from lmpipe import stages
+    from lmpipe.checkpoint import warn
+    from lmpipe.config import ENV_VARS
 
     cfg = _config(args)
+    for var, keys in ENV_VARS.items():  # stages are what dvc.yaml runs: DVC tracks params.yaml only
+        if os.environ.get(var):
+            warn(f"{var}={os.environ[var]} overrides {', '.join(keys)} from params.yaml, but DVC does not "
+                 f"track environment variables; prefer 'dvc exp run -S {keys[0]}=...'")
     fn = {"prepare": stages.prepare, "tokenizer": stages.build_tokenizer, "train": stages.train,
           "evaluate": stages.evaluate, "generate": stages.generate, "register": stages.register}[args.name]
     result = fn(cfg, entry="dvc") if args.name == "train" else fn(cfg)
@@ -89,16 +113,44 @@ def cmd_stage(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    import importlib
+def cmd_resume(args) -> int:
+    from dataclasses import replace
 
     from lmpipe import stages
+    from lmpipe.checkpoint import resolve_checkpoint
+    from lmpipe.errors import UserError
+    from lmpipe.training_run import Resume
+
+    cfg = _config(args)
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+        if value is not None and value < (1 if flag == "--steps" else 0):
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
+    if args.source:
+        cfg = replace(cfg, data=replace(cfg.data, source=args.source))
+        stages.prepare(cfg)
+    warmup = args.warmup if args.warmup is not None else (100 if args.no_optimizer else 0)
+    info = stages.train(cfg, entry="cli", resume=Resume(path, args.steps, args.lr, args.no_optimizer, warmup))
+    print(f"resumed from {path}; trained to step {info['step']}; final checkpoint {info['checkpoint']}; "
+          f"MLflow run {info['run_id']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from importlib.metadata import entry_points
+
+    from lmpipe import stages
+    from lmpipe.errors import UserError
 
     cfg = _config(args)
     stages.preflight(cfg)
-    # The CLI is the composition root: it starts the flow, which composes the tasks.
-    pipeline = importlib.import_module("flows.pipeline")
-    result = pipeline.run(cfg, overrides=args.overrides, params_file=args.params)
+    found = entry_points(group="lmpipe.flows", name="pipeline")
+    if not found:
+        raise UserError("the pipeline flow is not installed (entry point lmpipe.flows:pipeline); "
+                        "reinstall with 'make setup'")
+    result = next(iter(found)).load()(cfg, overrides=args.overrides, params_file=args.params)
     print(summary(result))
     return 0
 
@@ -136,7 +188,8 @@ def cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "generate": cmd_generate, "config": cmd_config}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "resume": cmd_resume, "generate": cmd_generate,
+            "config": cmd_config}
 
 if __name__ == "__main__":
     sys.exit(main())

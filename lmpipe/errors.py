@@ -5,6 +5,7 @@ class UserError(Exception):
     """Bad input from the user: the message names the input, what is wrong and what to do."""
 
     exit_code = 2
+    prefix = "error: "  # how the CLI introduces the message
 
 
 class ConfigError(UserError):

@@ -27,7 +27,10 @@ def _write_json(path: Path, obj: dict) -> None:
 def _read_json(path: Path, stage: str) -> dict:
     if not path.exists():
         raise UserError(f"{path}: not found; run 'lmpipe stage {stage}' (or 'lmpipe run') first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON; re-run 'lmpipe stage {stage}'") from None
 
 
 def preflight(cfg: Config) -> None:
@@ -37,7 +40,12 @@ def preflight(cfg: Config) -> None:
     """
     from lmpipe.device import pick_device
 
-    data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, cfg.model.block_size + 1)
+    corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, cfg.model.block_size + 1)
+    if cfg.tokenizer.kind == "char":
+        unknown = sorted(set(cfg.generate.prompt) - set(corpus.text("train") + corpus.text("val")))
+        if unknown:
+            raise UserError(f"generate.prompt has character(s) that never occur in the corpus, so the char "
+                            f"tokenizer cannot encode them: {', '.join(map(repr, unknown))}; change the prompt")
     pick_device(cfg.train.device)
     pick_device(cfg.generate.device)
     if cfg.tokenizer.kind == "gpt2":
@@ -105,11 +113,15 @@ def _code_hash(module_file: str, fp: str) -> str:
 
 # --- train ---------------------------------------------------------------------------------------
 
-def train(cfg: Config, entry: str = "cli") -> dict:
-    """Train from scratch with periodic checkpoints, tracked in one MLflow run."""
-    from lmpipe.training_run import run_training
+def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
+    """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
+    training_run.Resume) or the param train.resume ("latest" or a path) asks to resume."""
+    from lmpipe.checkpoint import resolve_checkpoint
+    from lmpipe.training_run import Resume, run_training
 
-    info = run_training(cfg, entry)
+    if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
+        resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
+    info = run_training(cfg, entry, resume)
     _write_json(TRAIN_INFO, info)
     return info
 

@@ -34,6 +34,22 @@ def setup(experiment: str) -> str:
     return exp.experiment_id
 
 
+def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = None):
+    """A new MLflow run, or — when resuming — the checkpoint's own run, continued (same run id,
+    continuous step numbers). If that run is not in this store, a new run records it as its parent."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if resume_run_id:
+        try:
+            mlflow.get_run(resume_run_id)
+            return mlflow.start_run(run_id=resume_run_id)
+        except MlflowException:
+            return mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                                    tags={"lmpipe.parent_run_id": resume_run_id})
+    return mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
+
+
 def ui_hint() -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:"):
@@ -58,6 +74,8 @@ def lineage_tags(data_files: dict[str, str | Path]) -> dict[str, str]:
 
     tags = {"mlflow.source.git.commit": git_commit(), "lmpipe.git_commit": git_commit()}
     for name, path in data_files.items():
+        if not Path(path).exists():
+            continue
         tags[f"dvc.{name}.md5"] = file_md5(path)
         tags[f"dvc.{name}.path"] = str(path)
     return tags

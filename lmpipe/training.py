@@ -5,7 +5,7 @@ One plain function with callbacks (no Trainer class): the caller decides what a 
 """
 from __future__ import annotations
 
-import math
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from lmpipe.config import TrainConfig
+from lmpipe.schedule import Schedule
 
 
 @dataclass
@@ -22,24 +23,61 @@ class Callbacks:
     on_eval: Callable[[int, dict], None] | None = None  # every eval_interval steps: val metrics
     should_save: Callable[[int], bool] = lambda step: False
     on_save: Callable[[int, "TrainState"], None] | None = None
+    should_stop: Callable[[], bool] = lambda: False  # checked after every step (signals)
+    on_stop: Callable[[int, "TrainState"], None] | None = None  # save, then raise
 
 
 @dataclass
 class TrainState:
-    """Everything the loop carries between steps."""
+    """Everything the loop carries between steps, besides the model and optimizer."""
+    schedule: Schedule
     step: int = 0
     best_val_loss: float = float("inf")
     last_val_loss: float = float("nan")
+    sampler: torch.Generator = field(default_factory=torch.Generator)  # draws the training batches
     history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, cfg: TrainConfig) -> "TrainState":
+        return cls(Schedule.fresh(cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr),
+                   sampler=torch.Generator().manual_seed(cfg.seed))
+
+    def to_dict(self) -> dict:
+        """Tensors, numbers and lists only: loadable with torch.load(weights_only=True)."""
+        import numpy as np
+
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        return {
+            "step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+            "schedule": self.schedule.to_dict(), "sampler_rng": self.sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *map(float, np_state[2:])],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        """Restore the loop state and every RNG the loop draws from (dropout uses torch's global one)."""
+        import numpy as np
+
+        sampler = torch.Generator()
+        sampler.set_state(d["sampler_rng"])
+        torch.set_rng_state(d["torch_rng"])
+        if d.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(d["cuda_rng"])
+        v, state, gauss = d["python_rng"]
+        random.setstate((v, tuple(state), gauss))
+        name, keys, pos, has_gauss, cached = d["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), cached))
+        return cls(Schedule.from_dict(d["schedule"]), step=d["step"], best_val_loss=d["best_val_loss"],
+                   last_val_loss=d["last_val_loss"], sampler=sampler)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup for warmup_steps, then cosine decay from lr to min_lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    """The fresh-run schedule: linear warmup, then cosine decay from lr to min_lr at the last step."""
+    return Schedule.fresh(cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr).lr_at(step)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -75,22 +113,22 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
           val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
-          callbacks: Callbacks | None = None, state: TrainState | None = None,
-          gen: torch.Generator | None = None) -> TrainState:
-    """Train from state.step to cfg.steps; returns the final state."""
+          callbacks: Callbacks | None = None, state: TrainState | None = None) -> TrainState:
+    """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final state."""
     cb = callbacks or Callbacks()
-    state = state or TrainState()
-    gen = gen or torch.Generator().manual_seed(cfg.seed)
-    progress = _Progress(state.step, cfg.steps)
+    state = state or TrainState.fresh(cfg)
+    total = state.schedule.end
+    progress = _Progress(state.step, total)
     tokens_per_step = cfg.batch_size * block_size
     model.train()
     window_losses: list[float] = []
-    t0 = time.perf_counter()
-    while state.step < cfg.steps:
-        lr = lr_at(state.step, cfg)
+    window_time = 0.0  # training time only: evaluation and saving do not count against tokens/s
+    while state.step < total:
+        t0 = time.perf_counter()
+        lr = state.schedule.lr_at(state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, block_size, cfg.batch_size, gen, device)
+        x, y = get_batch(train_data, block_size, cfg.batch_size, state.sampler, device)
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,18 +137,23 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         optimizer.step()
         state.step += 1
         window_losses.append(loss.item())
+        window_time += time.perf_counter() - t0
 
-        if state.step % cfg.log_interval == 0 or state.step == cfg.steps:
-            dt = time.perf_counter() - t0
+        if state.step % cfg.log_interval == 0 or state.step == total:
             metrics = {"train_loss": sum(window_losses) / len(window_losses), "lr": lr,
-                       "tokens_per_sec": tokens_per_step * len(window_losses) / max(dt, 1e-9)}
+                       "tokens_per_sec": tokens_per_step * len(window_losses) / max(window_time, 1e-9)}
             state.history.append({"step": state.step, **metrics})
             progress.update(state.step, metrics)
             if cb.on_log:
                 cb.on_log(state.step, metrics)
-            window_losses, t0 = [], time.perf_counter()
-        saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == cfg.steps)
-        if saving or state.step % cfg.eval_interval == 0 or state.step == cfg.steps:  # every checkpoint gets a val loss
+            window_losses, window_time = [], 0.0
+        if cb.should_stop():
+            progress.close()
+            if cb.on_stop:
+                cb.on_stop(state.step, state)
+            return state
+        saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == total)
+        if saving or state.step % cfg.eval_interval == 0 or state.step == total:  # every checkpoint gets a val loss
             val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches,
                                 cfg.seed + 1, device)
             state.last_val_loss = val

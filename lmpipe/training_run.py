@@ -1,93 +1,181 @@
-"""The train stage: tokenized data + a fresh model + the loop, wired to checkpoints and MLflow."""
+"""The train stage: tokenized data + a model (fresh, or resumed from a checkpoint) + the loop,
+wired to checkpoints and MLflow."""
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lmpipe import checkpoint, data, tokenizer, tracking
-from lmpipe.config import Config
+from lmpipe.checkpointing import Checkpointer, GracefulStop, TrainingStopped
+from lmpipe.config import Config, config_from_dict
 from lmpipe.device import pick_device
 from lmpipe.errors import UserError
 from lmpipe.training import Callbacks, TrainState, make_optimizer, train
 
 
+@dataclass(frozen=True)
+class Resume:
+    """What `lmpipe resume` asks for. With no steps/lr/no_optimizer, training continues to the run's
+    planned total, bit-exact with the uninterrupted run."""
+    checkpoint: Path
+    steps: int | None = None  # train this many more steps past the checkpoint
+    lr: float | None = None  # restart the schedule from this peak
+    no_optimizer: bool = False  # fresh optimizer state, with a re-warmup of `warmup` steps
+    warmup: int = 0
+    total: int | None = None  # train to this step (params path: train.steps); None: the planned total
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    tok: object
+    parent_run_id: str | None = None
+
+
 def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Tensor:
-    ids = torch.tensor(tok.encode(Path(path).read_text(encoding="utf-8")), dtype=torch.long)
+    try:
+        ids = torch.tensor(tok.encode(Path(path).read_text(encoding="utf-8")), dtype=torch.long)
+    except UserError as e:  # e.g. new data with characters the checkpoint's char vocabulary lacks
+        raise UserError(f"{path} ({split} split): {e}") from None
     if len(ids) <= block_size + 1:
         raise UserError(f"{path}: the {split} split has {len(ids)} tokens, not more than one training block "
                         f"(model.block_size={block_size}); add text or lower model.block_size")
     return ids
 
 
-def run_training(cfg: Config, entry: str) -> dict:
-    """Train cfg.train.steps steps from scratch; return paths, the run id and final metrics."""
+def fresh_setup(cfg: Config, device: str) -> Setup:
+    from models import build_model
+
+    tok = tokenizer.load()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size}).to(device)
+    return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
+
+
+def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
+    """Model, tokenizer, training settings and loop state from the checkpoint; data, checkpoint and
+    tracking settings from the current configuration."""
+    ckpt = checkpoint.load_checkpoint(resume.checkpoint, map_location=device)
+    saved = config_from_dict(ckpt["hyperparameters"])
+    cfg = replace(cfg, model=saved.model, tokenizer=saved.tokenizer,
+                  train=replace(saved.train, device=cfg.train.device))
+    model = checkpoint.model_from_checkpoint(ckpt, device).train()
+    optimizer = make_optimizer(model, cfg.train)
+    if not resume.no_optimizer:
+        checkpoint.check_optimizer_state(ckpt, optimizer, resume.checkpoint)
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+    if "train_state" not in ckpt:
+        raise UserError(f"{resume.checkpoint}: checkpoint has no training state (written by an older lmpipe); "
+                        "it can be used for inference, not resumed")
+    state = TrainState.from_dict(ckpt["train_state"])
+    more = resume.steps
+    if more is None and resume.total is not None and resume.total != state.schedule.end:
+        more = resume.total - state.step
+    if more is not None or resume.lr is not None or resume.no_optimizer:
+        more = more if more is not None else state.schedule.end - state.step
+        state.schedule = state.schedule.extended(state.step, more, lr=resume.lr, warmup=min(resume.warmup, more))
+    if state.step >= state.schedule.end:
+        raise UserError(f"{resume.checkpoint}: already at step {state.step}, the run's planned total; "
+                        "pass --steps N to train N more steps")
+    return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
+
+
+def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
+    """Train (from scratch, or on from a checkpoint); return paths, the run id and final metrics."""
     import mlflow
 
-    meta = data.load_meta()
-    tok = tokenizer.load()
     device = pick_device(cfg.train.device)
+    s = resume_setup(cfg, resume, device) if resume else fresh_setup(cfg, device)
+    cfg, model, optimizer, tok = s.cfg, s.model, s.optimizer, s.tok
+    meta = data.load_meta()
     block = cfg.model.block_size
     train_ids = encode_split(tok, meta["train"], block, "train")
     val_ids = encode_split(tok, meta["val"], block, "val")
-
-    torch.manual_seed(cfg.train.seed)
-    from models import build_model
-
-    model = build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size}).to(device)
-    optimizer = make_optimizer(model, cfg.train)
     n_params = sum(p.numel() for p in model.parameters())
 
     ckpt_dir = Path(cfg.checkpoint.dir)
-    saved: list[str] = []
     experiment_id = tracking.setup(cfg.tracking.experiment)
-    run_name = f"{cfg.model.type}-{meta['source']}"
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment_id) as run:
+    with tracking.training_run(experiment_id, f"{cfg.model.type}-{meta['source']}", s.parent_run_id) as run, \
+            GracefulStop() as stop:
         run_id = run.info.run_id
-        mlflow.log_params({**cfg.flat(), "vocab_size": tok.vocab_size, "n_params": n_params,
-                           "device": device, "source_name": meta["source"]})
+        if resume:  # the run's params are immutable: record the resume as tags
+            mlflow.set_tags({f"lmpipe.resume.step{s.state.step}": str(resume.checkpoint),
+                             f"lmpipe.resume.step{s.state.step}.schedule": str(s.state.schedule.to_dict())})
+        else:
+            mlflow.log_params({**cfg.flat(), "vocab_size": tok.vocab_size, "n_params": n_params,
+                               "device": device, "source_name": meta["source"]})
         mlflow.set_tags({**tracking.lineage_tags({"data.train": meta["train"], "data.val": meta["val"],
                                                    "tokenizer": tokenizer.TOKENIZER_FILE}),
                          "lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
                          "lmpipe.source": meta["source"]})
         model_ids: dict[int, str] = {}
 
-        def on_save(step: int, state: TrainState) -> None:
-            path = ckpt_dir / checkpoint.checkpoint_filename(cfg.model.type, meta["source"], step)
-            checkpoint.save_checkpoint(path, {
-                "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(),
-                "hyperparameters": cfg.to_dict(),
-                "vocab_size": tok.vocab_size, "block_size": block, "batch_size": cfg.train.batch_size,
-                "step": step, "model_type": cfg.model.type, "source": meta["source"],
-                "tokenizer": tok.to_json(), "run_id": run_id,
-                "metrics": {"val_loss": state.last_val_loss, "best_val_loss": state.best_val_loss},
-                "versions": {"torch": str(torch.__version__), "lmpipe": _lmpipe_version()},
-            })
-            saved.append(str(path))
+        def on_saved(path: Path, entry: dict) -> None:  # runs on the writer thread when async
             print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
             if cfg.tracking.log_checkpoints:
-                model_ids[step] = tracking.log_checkpoint(
-                    run_id, experiment_id, path, step, cfg.flat(), {"val_loss": state.last_val_loss})
+                model_ids[entry["step"]] = tracking.log_checkpoint(
+                    run_id, experiment_id, path, entry["step"], cfg.flat(),
+                    {k: v for k, v in entry["metrics"].items() if k == "val_loss" and v is not None})
+
+        ckpts = Checkpointer(ckpt_dir, cfg.checkpoint, run_id, on_saved=on_saved,
+                             protect=(resume.checkpoint,) if resume else ())
+
+        def payload(step: int, state: TrainState) -> dict:
+            return {
+                "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                "hyperparameters": cfg.to_dict(), "vocab_size": tok.vocab_size, "block_size": block,
+                "batch_size": cfg.train.batch_size, "step": step, "model_type": cfg.model.type,
+                "source": meta["source"], "tokenizer": tok.to_json(), "run_id": run_id,
+                "train_state": state.to_dict(),
+                "metrics": {"val_loss": state.last_val_loss, "best_val_loss": state.best_val_loss},
+                "versions": {"torch": str(torch.__version__), "lmpipe": _lmpipe_version()},
+            }
+
+        def name(step: int) -> Path:
+            return ckpt_dir / checkpoint.checkpoint_filename(cfg.model.type, meta["source"], step)
+
+        def on_stop(step: int, state: TrainState) -> None:
+            path = name(step)
+            ckpts.save(path, payload(step, state), wait=True)
+            signame = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
+            if path not in ckpts.saved or not checkpoint.verify_checkpoint(path).ok:
+                raise TrainingStopped(f"training stopped by {signame} at step {step}, but the emergency checkpoint "
+                                      f"could not be written ({'; '.join(ckpts.failed[-1:])})", stop.signum)
+            raise TrainingStopped(f"training stopped by {signame} at step {step}; saved and verified {path}\n"
+                                  f"resume with: lmpipe resume --checkpoint {path}", stop.signum)
 
         def should_save(step: int) -> bool:
             return cfg.checkpoint.enabled and step % cfg.checkpoint.interval == 0
 
         def on_eval(step: int, m: dict) -> None:
             # At a checkpoint, log_checkpoint logs val_loss linked to the checkpoint's logged model.
-            if not (cfg.tracking.log_checkpoints and (should_save(step) or step == cfg.train.steps)):
+            if not (cfg.tracking.log_checkpoints and (should_save(step) or step == s.state.schedule.end)):
                 mlflow.log_metrics(m, step=step, synchronous=False)
 
-        callbacks = Callbacks(on_log=lambda step, m: mlflow.log_metrics(m, step=step, synchronous=False),
-                              on_eval=on_eval, should_save=should_save, on_save=on_save)
-        state = train(model, optimizer, train_ids, val_ids, cfg.train, block, device, callbacks)
+        callbacks = Callbacks(
+            on_log=lambda step, m: mlflow.log_metrics(m, step=step, synchronous=False),
+            on_eval=on_eval, should_save=should_save,
+            on_save=lambda step, state: ckpts.save(name(step), payload(step, state)),
+            should_stop=lambda: stop.requested, on_stop=on_stop)
+        try:
+            state = train(model, optimizer, train_ids, val_ids, cfg.train, block, device, callbacks, s.state)
+        finally:
+            ckpts.wait()
+        if not ckpts.saved or checkpoint.parse_filename(ckpts.saved[-1])["step"] != state.step:
+            raise UserError(f"training finished at step {state.step}, but its final checkpoint could not be "
+                            f"written ({'; '.join(ckpts.failed[-1:]) or 'unknown error'}); free disk space and "
+                            "resume from the last saved checkpoint")
         _log_artifacts(state)
     return {
-        "run_id": run_id, "experiment_id": experiment_id, "checkpoint": saved[-1], "checkpoints": saved,
-        "checkpoint_dir": str(ckpt_dir), "step": state.step, "source": meta["source"],
-        "model_type": cfg.model.type, "final_val_loss": state.last_val_loss,
+        "run_id": run_id, "experiment_id": experiment_id, "checkpoint": str(ckpts.saved[-1]),
+        "checkpoints": [str(p) for p in ckpts.saved], "checkpoint_dir": str(ckpt_dir), "step": state.step,
+        "source": meta["source"], "model_type": cfg.model.type, "final_val_loss": state.last_val_loss,
         "final_model_id": model_ids.get(state.step), "n_params": n_params,
     }
 
@@ -98,8 +186,8 @@ def _log_artifacts(state: TrainState) -> None:
     import pandas as pd
 
     from lmpipe.fileio import atomic_write_text
-    from lmpipe.plots import loss_curve
     from lmpipe.paths import LOSS_PLOT, TOKEN_STATS, TRAIN_LOG
+    from lmpipe.plots import loss_curve
 
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
     atomic_write_text(TRAIN_LOG, log.to_csv(index=False))

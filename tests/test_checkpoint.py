@@ -34,7 +34,9 @@ def test_filename_follows_the_seed_format():
 
 def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     model, opt, payload = _payload()
-    path = checkpoint.save_checkpoint(tmp_path / "c.pt", payload)
+    path = tmp_path / "c.pt"
+    entry = checkpoint.save_checkpoint(path, payload)
+    assert entry["size"] == path.stat().st_size and entry["step"] == 10
     raw = torch.load(path, weights_only=True)  # safe loading works on the raw file
     for key in ("model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size", "block_size",
                 "batch_size", "step", "tokenizer", "format_version"):
@@ -50,7 +52,7 @@ def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     x = torch.randint(0, 5, (1, 8))
     assert torch.equal(rebuilt(x)[0], model.eval()(x)[0])
     assert checkpoint.tokenizer_from_checkpoint(loaded).decode([0, 4]) == "ae"
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "manifest.json"]  # no temporary left
 
 
 def test_compiled_model_prefixes_are_stripped(tmp_path):
@@ -65,7 +67,8 @@ def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="Checkpoint not found"):
         checkpoint.load_checkpoint(tmp_path / "nope.pt")
     _, _, payload = _payload()
-    path = checkpoint.save_checkpoint(tmp_path / "c.pt", payload)
+    path = tmp_path / "c.pt"
+    checkpoint.save_checkpoint(path, payload)
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="corrupted"):

@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -26,7 +27,7 @@ def test_flow_end_to_end(project, prefect_harness):
     t = result["train"]
 
     # Checkpoints in the seed's format, with the seed's keys and the tokenizer inside.
-    names = sorted(p.name for p in (project / "checkpoints").iterdir())
+    names = sorted(p.name for p in (project / "checkpoints").glob("*.pt"))
     assert [NAME_RE.match(n).group(1) for n in names] == ["0010", "0020"]
     ckpt = torch.load(t["checkpoint"], weights_only=True)
     assert {"model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size", "block_size",
@@ -128,5 +129,8 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(str(BIN / "dvc"), "repro")
     assert "Stage 'prepare' didn't change" in out and "Running stage 'train'" in out
-    steps = sorted(p.name.split("_step")[1][:4] for p in (repo / "checkpoints").iterdir())
-    assert steps == ["0010", "0020"]  # DVC cleared the old run's checkpoints; 20 fresh steps
+    second = json.loads((repo / "outputs/train.json").read_text())
+    assert second["run_id"] != info["run_id"]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")] == [5, 10, 15, 20]
+    assert [Path(p).name.split("_step")[1][:4] for p in second["checkpoints"]] == ["0010", "0020"]

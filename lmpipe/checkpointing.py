@@ -1,0 +1,196 @@
+"""When and how checkpoints are written during training (the I/O itself is lmpipe.checkpoint):
+
+- asynchronous saves: the state is copied into reused CPU buffers, a background thread writes it;
+  training waits on the disk only while the previous save is still running;
+- retention: keep the last K, the best K by validation loss and every M-th step; never delete the
+  resume source or the newest checkpoint, and delete only after the new one is committed;
+- disk space: estimate each save, prune by policy if short, else skip it with a warning; a failed
+  write (ENOSPC, EFBIG) leaves the earlier checkpoints intact and no temporary behind;
+- signals: SIGINT/SIGTERM finish the current step, write a verified checkpoint and stop; a second
+  SIGINT abandons that save.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from lmpipe import checkpoint
+from lmpipe.checkpoint import warn
+from lmpipe.config import CheckpointConfig
+from lmpipe.errors import UserError
+from lmpipe.fileio import SaveAbandoned
+
+
+class TrainingStopped(UserError):
+    """Training stopped on a signal after saving a checkpoint; exit 128 + signal number."""
+
+    prefix = ""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, run_id: str,
+                 protect: tuple[Path, ...] = (), on_saved: Callable[[Path, dict], None] | None = None):
+        self.dir = Path(directory)
+        self.cfg = cfg
+        self.run_id = run_id
+        self.protect = {p.resolve() for p in protect}
+        self.on_saved = on_saved
+        self.saved: list[Path] = []
+        self.failed: list[str] = []
+        self._thread: threading.Thread | None = None
+        self._abort = threading.Event()
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for note in checkpoint.clean_directory(self.dir):
+            warn(f"{self.dir}: {note}")
+
+    # --- saving ----------------------------------------------------------------------------------
+
+    def save(self, path: Path, payload: dict[str, Any], wait: bool = False) -> None:
+        """Save `payload` to `path`. Asynchronous unless disabled or `wait`: returns once the state
+        is copied, so the caller may change the weights at once."""
+        self.wait()  # the buffers (and the disk) are free again
+        size = estimate_bytes(payload)
+        if not self._ensure_space(size, path):
+            return
+        if not self.cfg.async_save or wait:
+            self._write(path, payload)
+            return
+        snapshot = self._snapshot(payload)
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name="lmpipe-ckpt", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the pending save is on disk. A Ctrl+C here abandons that save cleanly."""
+        if self._thread is None:
+            return
+        try:
+            while self._thread.is_alive():
+                self._thread.join(timeout=0.1)
+        except KeyboardInterrupt:
+            self._abort.set()  # the writer raises at its next chunk; atomic_open removes the temporary
+            self._thread.join()
+            raise
+        self._thread = None
+
+    def _write(self, path: Path, payload: dict[str, Any]) -> None:
+        try:
+            entry = checkpoint.save_checkpoint(path, payload, abort=self._abort)
+        except SaveAbandoned:
+            return
+        except OSError as e:  # ENOSPC, EFBIG, EIO...: the earlier checkpoints are untouched
+            self.failed.append(f"step {payload.get('step')}: {e.strerror or e}")
+            warn(f"checkpoint {path.name} was not saved ({e.strerror or e}); earlier checkpoints are intact "
+                 "and training goes on")
+            return
+        self.saved.append(path)
+        self.apply_retention()
+        if self.on_saved:
+            self.on_saved(path, entry)
+
+    def _snapshot(self, payload: Any, key: tuple = ()) -> Any:
+        """A copy of `payload` whose tensors live in CPU buffers reused from save to save."""
+        if isinstance(payload, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != payload.shape or buf.dtype != payload.dtype:
+                buf = self._buffers[key] = torch.empty_like(payload, device="cpu")
+            buf.copy_(payload.detach())
+            return buf
+        if isinstance(payload, dict):
+            return {k: self._snapshot(v, (*key, k)) for k, v in payload.items()}
+        if isinstance(payload, (list, tuple)):
+            return type(payload)(self._snapshot(v, (*key, i)) for i, v in enumerate(payload))
+        return payload
+
+    # --- retention and disk space ----------------------------------------------------------------
+
+    def apply_retention(self) -> list[Path]:
+        """Delete this run's checkpoints that no rule keeps; return what was deleted."""
+        c = self.cfg
+        if c.keep_last <= 0:
+            return []
+        manifest = checkpoint.read_manifest(self.dir)
+        mine = sorted(((e["step"], self.dir / name, (e.get("metrics") or {}).get("val_loss"))
+                       for name, e in manifest.items() if e.get("run_id") == self.run_id
+                       and (self.dir / name).exists()), key=lambda t: (t[0], t[1].stat().st_mtime))
+        if not mine:
+            return []
+        keep = {p for _, p, _ in mine[-c.keep_last:]}
+        ranked = sorted((t for t in mine if t[2] is not None), key=lambda t: t[2])
+        keep |= {p for _, p, _ in ranked[:c.keep_best]}
+        if c.keep_every > 0:
+            keep |= {p for s, p, _ in mine if s % c.keep_every == 0}
+        keep |= {p for _, p, _ in mine if p.resolve() in self.protect}
+        keep.add(mine[-1][1])  # the newest, just committed and verified
+        doomed = [p for _, p, _ in mine if p not in keep]
+        for p in doomed:
+            checkpoint.delete_checkpoint(p)
+        return doomed
+
+    def _ensure_space(self, size: int, path: Path) -> bool:
+        need = int(size * 1.05) + (16 << 20)  # pickle/zip overhead plus room for the manifest
+        if shutil.disk_usage(self.dir).free >= need:
+            return True
+        freed = self.apply_retention()
+        if shutil.disk_usage(self.dir).free >= need:
+            warn(f"low disk space: pruned {len(freed)} checkpoint(s) by the retention policy")
+            return True
+        free_mb = shutil.disk_usage(self.dir).free >> 20
+        self.failed.append(f"{path.name}: skipped, {need >> 20} MB needed, {free_mb} MB free")
+        warn(f"not enough disk space for {path.name} ({need >> 20} MB needed, {free_mb} MB free in {self.dir}); "
+             "skipping this checkpoint and training on; free space or set checkpoint.keep_last")
+        return False
+
+
+def estimate_bytes(payload: Any) -> int:
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(estimate_bytes(v) for v in payload.values()) + 64 * len(payload)
+    if isinstance(payload, (list, tuple)):
+        return sum(estimate_bytes(v) for v in payload)
+    return len(payload) if isinstance(payload, (str, bytes)) else 16
+
+
+class GracefulStop:
+    """Within this context SIGINT and SIGTERM request a stop (see `signum`); a second SIGINT raises
+    KeyboardInterrupt, which abandons a save in progress. SIGXFSZ is ignored so that a file-size
+    limit makes the write fail with EFBIG instead of killing the process."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in (*self.SIGNALS, signal.SIGXFSZ):
+                self._previous[s] = signal.signal(s, signal.SIG_IGN if s == signal.SIGXFSZ else self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        warn(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+             "(press Ctrl+C again to abandon the save)")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
