@@ -66,7 +66,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
 
     with atomic_open(path, "wb", before_commit=record) as f:
         writer = HashingWriter(f, abort)
-        torch.save(payload, writer)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:
+            if writer.error is not None:  # the real cause: ENOSPC, EFBIG, an abandoned save
+                raise writer.error from None
+            raise
     return entry
 
 

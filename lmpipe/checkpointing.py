@@ -87,9 +87,10 @@ class Checkpointer:
             entry = checkpoint.save_checkpoint(path, payload, abort=self._abort)
         except SaveAbandoned:
             return
-        except OSError as e:  # ENOSPC, EFBIG, EIO...: the earlier checkpoints are untouched
-            self.failed.append(f"step {payload.get('step')}: {e.strerror or e}")
-            warn(f"checkpoint {path.name} was not saved ({e.strerror or e}); earlier checkpoints are intact "
+        except Exception as e:  # ENOSPC, EFBIG, EIO...: the earlier checkpoints are untouched
+            reason = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+            self.failed.append(f"step {payload.get('step')}: {reason}")
+            warn(f"checkpoint {path.name} was not saved ({reason}); earlier checkpoints are intact "
                  "and training goes on")
             return
         self.saved.append(path)
@@ -137,7 +138,7 @@ class Checkpointer:
         return doomed
 
     def _ensure_space(self, size: int, path: Path) -> bool:
-        need = int(size * 1.05) + (16 << 20)  # pickle/zip overhead plus room for the manifest
+        need = int(size * 1.05) + (1 << 20)  # zip/pickle overhead plus room for the manifest
         if shutil.disk_usage(self.dir).free >= need:
             return True
         freed = self.apply_retention()

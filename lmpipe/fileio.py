@@ -48,13 +48,19 @@ class HashingWriter:
 
     def __init__(self, f: IO[bytes], abort=None):
         self.f, self.sha256, self.size, self.abort = f, hashlib.sha256(), 0, abort
+        self.error: BaseException | None = None  # torch.save reports a failed write as RuntimeError
 
     def write(self, b) -> int:
         if self.abort is not None and self.abort.is_set():
-            raise SaveAbandoned
+            self.error = SaveAbandoned()
+            raise self.error
         self.sha256.update(b)
         self.size += len(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()

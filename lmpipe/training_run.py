@@ -140,9 +140,16 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         def name(step: int) -> Path:
             return ckpt_dir / checkpoint.checkpoint_filename(cfg.model.type, meta["source"], step)
 
-        def on_stop(step: int, state: TrainState) -> None:
+        def save(step: int, state: TrainState, wait: bool = False) -> Path:
+            # Metrics up to this step become durable with the checkpoint: after a kill, the resume
+            # re-logs every later step, so the run's per-step history stays complete.
+            mlflow.flush_async_logging()
             path = name(step)
-            ckpts.save(path, payload(step, state), wait=True)
+            ckpts.save(path, payload(step, state), wait=wait)
+            return path
+
+        def on_stop(step: int, state: TrainState) -> None:
+            path = save(step, state, wait=True)
             signame = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
             if path not in ckpts.saved or not checkpoint.verify_checkpoint(path).ok:
                 raise TrainingStopped(f"training stopped by {signame} at step {step}, but the emergency checkpoint "
@@ -161,7 +168,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         callbacks = Callbacks(
             on_log=lambda step, m: mlflow.log_metrics(m, step=step, synchronous=False),
             on_eval=on_eval, should_save=should_save,
-            on_save=lambda step, state: ckpts.save(name(step), payload(step, state)),
+            on_save=lambda step, state: save(step, state),
             should_stop=lambda: stop.requested, on_stop=on_stop)
         try:
             state = train(model, optimizer, train_ids, val_ids, cfg.train, block, device, callbacks, s.state)
