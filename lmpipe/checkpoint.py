@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import UserError
-from lmpipe.fileio import HashingWriter, atomic_open, atomic_write_text, file_sha256, stale_temporaries
+from lmpipe.fileio import CheckedWriter, atomic_open, atomic_write_text, file_sha256, stale_temporaries
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
 MANIFEST = "manifest.json"
@@ -58,14 +58,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
     payload["model_state_dict"] = strip_prefixes(payload["model_state_dict"])
     entry: dict[str, Any] = {}
 
-    def record(tmp: Path) -> None:
-        entry.update(file=path.name, sha256=writer.sha256.hexdigest(), size=writer.size,
+    def record(tmp: Path, digest: str | None) -> None:
+        entry.update(file=path.name, sha256=digest, size=writer.size,
                      step=payload.get("step"), run_id=payload.get("run_id"),
                      metrics=_finite(payload.get("metrics", {})), created=datetime.now().isoformat())
         _update_manifest(path.parent, lambda m: m.__setitem__(path.name, entry))
 
-    with atomic_open(path, "wb", before_commit=record) as f:
-        writer = HashingWriter(f, abort)
+    with atomic_open(path, "wb", before_commit=record, sha256=True) as f:
+        writer = CheckedWriter(f, abort)
         try:
             torch.save(payload, writer)
         except RuntimeError:

@@ -134,3 +134,12 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     client = mlflow.MlflowClient()
     assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")] == [5, 10, 15, 20]
     assert [Path(p).name.split("_step")[1][:4] for p in second["checkpoints"]] == ["0010", "0020"]
+
+    # Resuming is explicit and tracked: train.resume=latest with more steps continues that run.
+    params["train"].update(resume="latest", steps=30)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(str(BIN / "dvc"), "repro")
+    third = json.loads((repo / "outputs/train.json").read_text())
+    assert third["run_id"] == second["run_id"] and third["step"] == 30
+    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")][-2:] == [25, 30]
+    assert "Data and pipelines are up to date" in sh(str(BIN / "dvc"), "repro")
