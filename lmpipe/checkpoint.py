@@ -160,8 +160,9 @@ def warn(message: str) -> None:
     print(f"lmpipe: warning: {message}", file=sys.stderr, flush=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True; a missing, unreadable or incomplete file is a UserError."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load with weights_only=True; a missing, unreadable or incomplete file is a UserError.
+    mmap=True maps tensors from the file instead of reading them (metadata-only uses)."""
     import pickle
 
     import torch
@@ -171,7 +172,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
         raise UserError(f"Checkpoint not found: {path}; check the path, list checkpoints with "
                         f"'ls {path.parent}/', and train with ENABLE_CHECKPOINTS=true")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         raise UserError(f"{path}: checkpoint is corrupted or not a safe lmpipe checkpoint ({_reason(e)}); "
                         "use a checkpoint from an earlier step") from None

@@ -119,7 +119,7 @@ def cmd_resume(args) -> int:
     from lmpipe import stages
     from lmpipe.checkpoint import resolve_checkpoint
     from lmpipe.errors import UserError
-    from lmpipe.training_run import Resume
+    from lmpipe.training_run import Resume, preflight_resume
 
     cfg = _config(args)
     for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
@@ -128,11 +128,13 @@ def cmd_resume(args) -> int:
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be a positive number, got {args.lr}")
     path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
+    warmup = args.warmup if args.warmup is not None else (100 if args.no_optimizer else 0)
+    resume = Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
+    preflight_resume(resume, args.source, cfg.data.val_fraction, cfg.data.seed)  # before anything is written
     if args.source:
         cfg = replace(cfg, data=replace(cfg.data, source=args.source))
         stages.prepare(cfg)
-    warmup = args.warmup if args.warmup is not None else (100 if args.no_optimizer else 0)
-    info = stages.train(cfg, entry="cli", resume=Resume(path, args.steps, args.lr, args.no_optimizer, warmup))
+    info = stages.train(cfg, entry="cli", resume=resume)
     print(f"resumed from {path}; trained to step {info['step']}; final checkpoint {info['checkpoint']}; "
           f"MLflow run {info['run_id']}")
     return 0

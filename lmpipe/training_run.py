@@ -71,19 +71,46 @@ def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
         checkpoint.check_optimizer_state(ckpt, optimizer, resume.checkpoint)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     if "train_state" not in ckpt:
+        plan(ckpt, resume)  # raises: no training state
+    state = TrainState.from_dict(ckpt["train_state"])
+    state.schedule = plan(ckpt, resume)
+    return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
+
+
+def plan(ckpt: dict, resume: Resume):
+    """The schedule a resume follows: the checkpoint's own (bit-exact continuation), or a new
+    segment from the checkpoint's step when steps, the LR or the optimizer change."""
+    if "train_state" not in ckpt:
         raise UserError(f"{resume.checkpoint}: checkpoint has no training state (written by an older lmpipe); "
                         "it can be used for inference, not resumed")
-    state = TrainState.from_dict(ckpt["train_state"])
+    from lmpipe.schedule import Schedule
+
+    step, schedule = ckpt["train_state"]["step"], Schedule.from_dict(ckpt["train_state"]["schedule"])
     more = resume.steps
-    if more is None and resume.total is not None and resume.total != state.schedule.end:
-        more = resume.total - state.step
+    if more is None and resume.total is not None and resume.total != schedule.end:
+        more = resume.total - step
     if more is not None or resume.lr is not None or resume.no_optimizer:
-        more = more if more is not None else state.schedule.end - state.step
-        state.schedule = state.schedule.extended(state.step, more, lr=resume.lr, warmup=min(resume.warmup, more))
-    if state.step >= state.schedule.end:
-        raise UserError(f"{resume.checkpoint}: already at step {state.step}, the run's planned total; "
+        more = more if more is not None else schedule.end - step
+        schedule = schedule.extended(step, more, lr=resume.lr, warmup=min(resume.warmup, max(more, 0)))
+    if step >= schedule.end:
+        raise UserError(f"{resume.checkpoint}: already at step {step}, the run's planned total; "
                         "pass --steps N to train N more steps")
-    return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
+    return schedule
+
+
+def preflight_resume(resume: Resume, new_source: str | None, val_fraction: float, seed: int) -> None:
+    """Check a resume before anything is written: the plan, and that the checkpoint's tokenizer can
+    encode new data (a char vocabulary lists the characters it lacks)."""
+    ckpt = checkpoint.load_checkpoint(resume.checkpoint, mmap=True)
+    plan(ckpt, resume)
+    if new_source:
+        corpus = data.split_corpus(new_source, val_fraction, seed, ckpt["block_size"] + 1)
+        tok = checkpoint.tokenizer_from_checkpoint(ckpt)
+        try:
+            tok.encode(corpus.text("train") + corpus.text("val"))
+        except UserError as e:
+            raise UserError(f"{new_source}: {e}".replace("rebuild the tokenizer on data that contains them",
+                                                         "train a new model on this data")) from None
 
 
 def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:

@@ -15,6 +15,7 @@ import yaml
 from conftest import BIN, cli_env
 from lmpipe import checkpoint, stages
 from lmpipe.config import load_config
+from lmpipe.schedule import Schedule
 
 pytestmark = pytest.mark.slow
 
@@ -178,7 +179,8 @@ def test_small_disk_skips_saves_and_keeps_training(fault_project):
 
 
 def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fault_project):
-    over = ["-S", "train.steps=200", "-S", "checkpoint.interval=3", "-S", "model.n_embd=128"]
+    over = ["-S", "train.steps=200", "-S", "checkpoint.interval=3", "-S", "model.n_embd=128",
+            "-S", "checkpoint.keep_last=2", "-S", "checkpoint.keep_best=0"]  # rotation runs under the kills
     run(fault_project, "stage", "train", *over, "-S", "checkpoint.dir=ref")
     ref = final_checkpoint(fault_project / "ref", 200)
     ckdir = fault_project / "run"
@@ -215,6 +217,38 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
         p.communicate()
         if p.returncode == 0:
             break
+        if have:  # a kill, even during rotation, never leaves zero valid checkpoints
+            assert checkpoint.latest_verified(ckdir)
     assert kills >= 20 and during_save >= 3 and resumes >= 20, (kills, during_save, resumes)
     assert_same_training(ref, final_checkpoint(ckdir, 200))
     assert_clean(ckdir)
+
+
+def test_resume_options_end_to_end(fault_project):
+    run(fault_project, "stage", "train", "-S", "train.steps=40", "-S", "checkpoint.interval=20")
+    ckdir = fault_project / "checkpoints"
+    new = "".join(f"## Letter {i}\n\nDear Agnes, \u00a7 and \u00b6 are new here, letter {i}. Many words today.\n\n"
+                  for i in range(12))
+    (fault_project / "new.md").write_text(new)
+    before = (fault_project / "data/prepared/train.txt").read_text()
+    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "5", "--source", "new.md",
+                       ok=False)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("lmpipe: error: new.md: ") and "unknown to the char tokenizer: 'L', '\u00a7', '\u00b6'" in err
+    assert (fault_project / "data/prepared/train.txt").read_text() == before  # nothing was written
+
+    # A fresh optimizer with a re-warmup: the first resumed step runs at 1/K of the checkpoint's LR.
+    ckpt = checkpoint.load_checkpoint(checkpoint.latest_verified(ckdir))
+    lr40 = Schedule.from_dict(ckpt["train_state"]["schedule"]).lr_at(40)
+    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer", "--warmup", "5")
+    mlflow.set_tracking_uri(f"sqlite:///{fault_project}/mlruns/mlflow.db")
+    lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
+    assert lrs[41] == pytest.approx(lr40 / 5) and lrs[45] == pytest.approx(lr40)
+    assert checkpoint.parse_filename(checkpoint.latest_verified(ckdir))["step"] == 50
+
+    # --lr restarts the decay from that peak.
+    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--lr", "0.005")
+    lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
+    assert lrs[51] == pytest.approx(0.005)
+    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", ok=False)
+    assert code == 2 and "already at step 60" in err and "--steps N" in err
