@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import UserError
-from lmpipe.fileio import CheckedWriter, atomic_open, atomic_write_text, file_sha256, stale_temporaries
+from lmpipe.fileio import (SaveAbandoned, atomic_path, atomic_write_text, file_sha256, stale_temporaries,
+                           write_error)
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
 MANIFEST = "manifest.json"
@@ -49,7 +50,8 @@ def parse_filename(path: str | Path) -> dict[str, Any] | None:
 def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> dict[str, Any]:
     """Write atomically and record sha256/size in the manifest; return the manifest entry.
 
-    abort: a threading.Event; once set, the write stops with SaveAbandoned and leaves nothing behind.
+    abort: a threading.Event; if set by the time the data is written, the save is dropped
+    (SaveAbandoned) and leaves nothing behind.
     """
     import torch
 
@@ -59,19 +61,18 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
     entry: dict[str, Any] = {}
 
     def record(tmp: Path, digest: str | None) -> None:
-        entry.update(file=path.name, sha256=digest, size=writer.size,
+        entry.update(file=path.name, sha256=digest, size=tmp.stat().st_size,
                      step=payload.get("step"), run_id=payload.get("run_id"),
                      metrics=_finite(payload.get("metrics", {})), created=datetime.now().isoformat())
         _update_manifest(path.parent, lambda m: m.__setitem__(path.name, entry))
 
-    with atomic_open(path, "wb", before_commit=record, sha256=True) as f:
-        writer = CheckedWriter(f, abort)
+    with atomic_path(path, before_commit=record, sha256=True) as tmp:
         try:
-            torch.save(payload, writer)
-        except RuntimeError:
-            if writer.error is not None:  # the real cause: ENOSPC, EFBIG, an abandoned save
-                raise writer.error from None
-            raise
+            torch.save(payload, str(tmp))  # by name: torch's C++ writer, 2-3x faster than a file object
+        except RuntimeError as e:
+            raise write_error(tmp, e) from None
+        if abort is not None and abort.is_set():
+            raise SaveAbandoned
     return entry
 
 

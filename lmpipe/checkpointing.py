@@ -77,7 +77,7 @@ class Checkpointer:
             while self._thread.is_alive():
                 self._thread.join(timeout=0.1)
         except KeyboardInterrupt:
-            self._abort.set()  # the writer raises at its next chunk; atomic_open removes the temporary
+            self._abort.set()  # the writer drops the save once its data is written; no file stays behind
             self._thread.join()
             raise
         self._thread = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -12,10 +14,10 @@ TMP_SUFFIX = ".tmp"
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "wb",
-                before_commit: Callable[[Path, str | None], None] | None = None,
-                sha256: bool = False) -> Iterator[IO]:
-    """Write to a temporary sibling and rename it over `path` only if the block succeeds.
+def atomic_path(path: str | Path, before_commit: Callable[[Path, str | None], None] | None = None,
+                sha256: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write by name; rename it over `path` only if the
+    block succeeds.
 
     A crash at any point leaves either the old file or the new one under `path`, never a partial one.
     `before_commit(tmp, digest)` runs after the data is fsynced and before the rename (e.g. to record
@@ -24,76 +26,105 @@ def atomic_open(path: str | Path, mode: str = "wb",
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    tmp = Path(name)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    hasher = _TailHasher(tmp) if sha256 else None
     try:
-        # Binary: unbuffered, so large writes (tensor storages) go straight to the kernel.
-        with os.fdopen(fd, mode, **({"buffering": 0} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            digest = _fsync_and_hash(f.fileno(), tmp) if sha256 else os.fsync(f.fileno())
+        yield tmp
+        if hasher:
+            hasher.finish()  # the hasher reads what is left while fsync runs below
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            _fsync_and_then(fd, hasher)
+        finally:
+            os.close(fd)
         if before_commit is not None:
-            before_commit(Path(tmp), digest)
+            before_commit(tmp, hasher.hexdigest() if hasher else None)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if hasher:
+            hasher.stop()
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
 
-def _fsync_and_hash(fd: int, path: str) -> str:
-    """fsync on a helper thread while this one hashes the file (both release the GIL)."""
-    import threading
+class _TailHasher(threading.Thread):
+    """sha256 of a file that is being written append-only (torch's zip writer), computed a step
+    behind the writer on another core. finish() says the writer is done; hexdigest() waits."""
 
-    errors: list[BaseException] = []
+    CHUNK = 16 << 20
 
-    def sync() -> None:
-        try:
-            os.fsync(fd)
-        except BaseException as e:  # re-raised below, in the caller's thread
-            errors.append(e)
+    def __init__(self, path: Path):
+        super().__init__(name="lmpipe-sha256", daemon=True)
+        self.path, self.sha = path, hashlib.sha256()
+        self._writer_done, self._stopped = threading.Event(), threading.Event()
+        self.start()
 
-    t = threading.Thread(target=sync, name="lmpipe-fsync")
-    t.start()
+    def run(self) -> None:
+        buf = bytearray(self.CHUNK)
+        view = memoryview(buf)
+        with open(self.path, "rb", buffering=0) as f:
+            while not self._stopped.is_set():
+                done = self._writer_done.is_set()  # read before reading: the data then is complete
+                n = f.readinto(buf)
+                if n:
+                    self.sha.update(view[:n])
+                elif done:
+                    return
+                else:
+                    time.sleep(0.002)
+
+    def finish(self) -> None:
+        self._writer_done.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+    def hexdigest(self) -> str:
+        self.join()
+        return self.sha.hexdigest()
+
+
+def _fsync_and_then(fd: int, hasher: "_TailHasher | None") -> None:
+    """fsync, while the hasher (if any) reads the file's tail from the page cache."""
+    os.fsync(fd)
+    if hasher:
+        hasher.join()
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """atomic_path for writers that take a file object."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        yield f
+
+
+def write_error(path: Path, error: BaseException) -> BaseException:
+    """The OSError behind a failed write that a library reported without its errno (torch.save
+    says only 'unexpected pos'): probe with one more byte at the end of the file."""
     try:
-        digest = file_sha256(path)
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as e:
+        return e
+    try:
+        os.pwrite(fd, b"\0", os.fstat(fd).st_size)
+    except OSError as e:  # EFBIG (file-size limit), ENOSPC (disk full), EIO...
+        return e
     finally:
-        t.join()
-    if errors:
-        raise errors[0]
-    return digest
+        os.close(fd)
+    return error
 
 
 class SaveAbandoned(Exception):
-    """A write cancelled through CheckedWriter's abort event."""
-
-
-class CheckedWriter:
-    """A write-through file wrapper for torch.save: counts bytes, stops at once when `abort` (a
-    threading.Event) is set, and keeps the real error, which torch.save reports as RuntimeError."""
-
-    def __init__(self, f: IO[bytes], abort=None):
-        self.f, self.size, self.abort = f, 0, abort
-        self.error: BaseException | None = None
-
-    def write(self, b) -> int:
-        if self.abort is not None and self.abort.is_set():
-            self.error = SaveAbandoned()
-            raise self.error
-        try:
-            n = self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-        self.size += len(b)
-        return n
-
-    def flush(self) -> None:
-        self.f.flush()
+    """A save cancelled on request (a second Ctrl+C)."""
 
 
 def stale_temporaries(directory: str | Path) -> list[Path]:
-    """Temporaries that atomic_open left behind when a process died mid-write."""
+    """Temporaries that atomic_path left behind when a process died mid-write."""
     directory = Path(directory)
     return sorted(directory.glob(f".*{TMP_SUFFIX}")) if directory.is_dir() else []
 
