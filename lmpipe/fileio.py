@@ -37,7 +37,7 @@ def atomic_path(path: str | Path, before_commit: Callable[[Path, str | None], No
             hasher.finish()  # the hasher reads what is left while fsync runs below
         fd = os.open(tmp, os.O_RDONLY)
         try:
-            _fsync_and_then(fd, hasher)
+            os.fsync(fd)  # meanwhile the hasher reads the file's tail from the page cache
         finally:
             os.close(fd)
         if before_commit is not None:
@@ -87,13 +87,6 @@ class _TailHasher(threading.Thread):
     def hexdigest(self) -> str:
         self.join()
         return self.sha.hexdigest()
-
-
-def _fsync_and_then(fd: int, hasher: "_TailHasher | None") -> None:
-    """fsync, while the hasher (if any) reads the file's tail from the page cache."""
-    os.fsync(fd)
-    if hasher:
-        hasher.join()
 
 
 @contextmanager

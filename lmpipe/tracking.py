@@ -72,7 +72,8 @@ def lineage_tags(data_files: dict[str, str | Path]) -> dict[str, str]:
     """The git commit plus, for each input file, the md5 DVC records for it in dvc.lock."""
     from lmpipe.fileio import file_md5
 
-    tags = {"mlflow.source.git.commit": git_commit(), "lmpipe.git_commit": git_commit()}
+    commit = git_commit()
+    tags = {"mlflow.source.git.commit": commit, "lmpipe.git_commit": commit}
     for name, path in data_files.items():
         if not Path(path).exists():
             continue

@@ -62,6 +62,7 @@ def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
     """Model, tokenizer, training settings and loop state from the checkpoint; data, checkpoint and
     tracking settings from the current configuration."""
     ckpt = checkpoint.load_checkpoint(resume.checkpoint, map_location=device)
+    schedule = plan(ckpt, resume)  # checks the plan (and that there is a training state) first
     saved = config_from_dict(ckpt["hyperparameters"])
     cfg = replace(cfg, model=saved.model, tokenizer=saved.tokenizer,
                   train=replace(saved.train, device=cfg.train.device))
@@ -70,10 +71,8 @@ def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
     if not resume.no_optimizer:
         checkpoint.check_optimizer_state(ckpt, optimizer, resume.checkpoint)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-    if "train_state" not in ckpt:
-        plan(ckpt, resume)  # raises: no training state
     state = TrainState.from_dict(ckpt["train_state"])
-    state.schedule = plan(ckpt, resume)
+    state.schedule = schedule
     return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
 
 
