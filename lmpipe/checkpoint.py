@@ -161,39 +161,32 @@ def warn(message: str) -> None:
     print(f"lmpipe: warning: {message}", file=sys.stderr, flush=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False,
+                    trust_pickle: bool = False) -> dict[str, Any]:
     """Load with weights_only=True; a missing, unreadable or incomplete file is a UserError.
     mmap=True maps tensors from the file instead of reading them (metadata-only uses)."""
-    import pickle
-
-    import torch
+    from lmpipe.safeload import Unreadable, torch_load
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint not found: {path}; check the path, list checkpoints with "
-                        f"'ls {path.parent}/', and train with ENABLE_CHECKPOINTS=true")
+                        f"'lmpipe ckpt list {path.parent}' (or 'ls {path.parent}/'), "
+                        "and train with ENABLE_CHECKPOINTS=true")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise UserError(f"{path}: checkpoint is corrupted or not a safe lmpipe checkpoint ({_reason(e)}); "
-                        "use a checkpoint from an earlier step") from None
+        ckpt = torch_load(path, trust_pickle, mmap, map_location)
+    except Unreadable as e:
+        raise UserError(f"{e}: the checkpoint is corrupted (an interrupted save, a full disk or a bad copy); "
+                        f"use one from an earlier step ('lmpipe ckpt doctor {path}' names it)") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
-        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; the file may be corrupted "
-                        "or not an lmpipe checkpoint; use one from an earlier step or re-run training")
+        from lmpipe.formats import foreign_hint
+
+        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; {foreign_hint(ckpt, path)}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{path}: checkpoint is missing {', '.join(missing)}; it was not written by lmpipe "
-                        "or is from an incompatible version")
+                        f"or is from an incompatible version ('lmpipe ckpt doctor {path}' explains what to do)")
     ckpt["model_state_dict"] = strip_prefixes(ckpt["model_state_dict"])
     return ckpt
-
-
-def _reason(e: BaseException) -> str:
-    """The informative line of a torch.load error (weights_only errors put it mid-message)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln]
-    text = (useful or lines or [type(e).__name__])[0]
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)[:200]
 
 
 def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
     _add_config_args(p)
+    from lmpipe import cli_ckpt
+
+    cli_ckpt.add_parser(sub, _add_config_args)
     return parser
 
 
@@ -66,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 0
+    return guarded(lambda: COMMANDS[args.command](args))
+
+
+def guarded(fn) -> int:
+    """Run a command: offline defaults on; a UserError becomes its one-line message and exit code."""
     from lmpipe.env import apply_offline_defaults
     from lmpipe.errors import UserError
 
     apply_offline_defaults()
     try:
-        return COMMANDS[args.command](args)
+        return fn()
     except UserError as e:
         for line in str(e).splitlines():
             print(f"lmpipe: {e.prefix}{line}", file=sys.stderr)
@@ -190,8 +198,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_ckpt(args) -> int:
+    from lmpipe import cli_ckpt
+
+    return cli_ckpt.run(args, _config)
+
+
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "resume": cmd_resume, "generate": cmd_generate,
-            "config": cmd_config}
+            "config": cmd_config, "ckpt": cmd_ckpt}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,8 +24,9 @@ EOT = "<|endoftext|>"
 class CharTokenizer:
     kind = "char"
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars = sorted(set(chars))
+    def __init__(self, chars: Iterable[str], keep_order: bool = False):
+        # keep_order: a saved vocabulary (or nanoGPT's itos) whose ids are its positions
+        self.chars = list(chars) if keep_order else sorted(set(chars))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
 
     @property
@@ -147,7 +148,7 @@ def from_json(text: str) -> Tokenizer:
                         "rebuild it with 'lmpipe stage tokenizer'")
     kind = spec.get("kind")
     if kind == "char" and isinstance(spec.get("vocab"), list):
-        return CharTokenizer(spec["vocab"])
+        return CharTokenizer(spec["vocab"], keep_order=True)
     if kind in ("bpe", "gpt2") and isinstance(spec.get("tokenizer"), dict):
         from tokenizers import Tokenizer as HFTok
 

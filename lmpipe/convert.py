@@ -1,0 +1,187 @@
+"""Conversions between lmpipe checkpoints and other formats.
+
+import: a nanoGPT `ckpt.pt` (with its meta.pkl vocabulary, or GPT-2's tokenizer) becomes an lmpipe
+`gpt` checkpoint that `lmpipe generate` runs; so does an lmpipe-style file that lacks its tokenizer.
+export: weights as safetensors plus config and tokenizer JSON, or a Hugging Face GPT-2 directory.
+Outputs are written to a temporary name and renamed into place: never half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lmpipe.errors import UserError
+from lmpipe.formats import View, open_view
+from lmpipe.safeload import pickle_load
+
+# nanoGPT's train.py config names → lmpipe's params.yaml keys
+NANOGPT_TRAIN = {"learning_rate": "lr", "min_lr": "min_lr", "warmup_iters": "warmup_steps", "max_iters": "steps",
+                 "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "grad_clip": "grad_clip",
+                 "batch_size": "batch_size", "eval_interval": "eval_interval"}
+
+
+def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = None, tokenizer_file: str | None = None,
+                      gpt2_path: str = "gpt2", trust_pickle: bool = False) -> Path:
+    """Convert `src` into an lmpipe checkpoint in `out_dir`; return its path."""
+    from lmpipe.checkpoint import checkpoint_filename, model_from_checkpoint, save_checkpoint
+
+    v = open_view(src, trust_pickle)
+    if v.format == "nanogpt":
+        payload = _from_nanogpt(v, meta, tokenizer_file, gpt2_path, trust_pickle)
+    elif v.format == "lmpipe" and tokenizer_file:
+        payload = _with_tokenizer(v, tokenizer_file)
+    else:
+        what = "an lmpipe checkpoint that lacks its tokenizer needs --tokenizer FILE" if v.format == "lmpipe" else \
+            f"{v.format} checkpoints can be listed, inspected, verified and diagnosed, not imported"
+        raise UserError(f"{src}: lmpipe ckpt import converts nanoGPT checkpoints; {what}")
+    model_from_checkpoint(payload)  # the weights must fit the model they claim to be, before writing
+    out = Path(out_dir) / checkpoint_filename(payload["model_type"], payload["source"], payload["step"])
+    save_checkpoint(out, payload)
+    return out
+
+
+def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_path: str, trust_pickle: bool) -> dict:
+    from lmpipe import tokenizer as toks
+    from lmpipe.config import ModelConfig, config_from_dict
+    from lmpipe.integrity import _is_mask_buffer
+
+    args, config = v.hyperparameters["model_args"], v.hyperparameters["config"]
+    if tokenizer_file:
+        tok = toks.load(tokenizer_file)
+    elif meta or v.tokenizer["kind"] == "char":
+        itos = pickle_load(meta or v.tokenizer["where"], trust_pickle)["itos"]
+        tok = toks.CharTokenizer([itos[i] for i in range(len(itos))], keep_order=True)
+    else:
+        tok = toks.load_gpt2(gpt2_path)
+    vocab = int(args["vocab_size"])
+    if tok.vocab_size > vocab:
+        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only {vocab}; "
+                        "pass the dataset's meta.pkl with --meta")
+    model = {k: args[k] for k in asdict(ModelConfig()) if k in args}
+    train = {NANOGPT_TRAIN[k]: config[k] for k in NANOGPT_TRAIN if k in config}
+    source = re.sub(r"[^a-z0-9]+", "_", str(config.get("dataset") or "nanogpt").lower()).strip("_") or "nanogpt"
+    hp = config_from_dict({"model": {**model, "type": "gpt"}, "train": train, "data": {"source": source},
+                           "tokenizer": {"kind": tok.kind}}).to_dict()
+    return {"model_state_dict": {k: t for k, t in v.state.items() if not _is_mask_buffer(k)},
+            "hyperparameters": hp, "vocab_size": vocab, "block_size": int(args["block_size"]),
+            "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "gpt", "source": source,
+            "tokenizer": tok.to_json(), "metrics": {"val_loss": v.info.get("val_loss")},
+            "versions": _versions(), "imported_from": {"format": "nanogpt", "path": str(v.path)}}
+
+
+def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
+    from lmpipe import tokenizer as toks
+
+    tok = toks.load(tokenizer_file)
+    if tok.vocab_size != v.arch.get("vocab_size"):
+        raise UserError(f"{tokenizer_file}: has {tok.vocab_size} tokens, the checkpoint's model "
+                        f"{v.arch.get('vocab_size')}; use the tokenizer it was trained with")
+    missing = [k for k in ("hyperparameters", "vocab_size", "block_size") if k not in v.raw]
+    if missing:
+        raise UserError(f"{v.path}: also lacks {', '.join(missing)}; it cannot be rebuilt as an lmpipe checkpoint")
+    from lmpipe.checkpoint import parse_filename
+
+    named = parse_filename(v.path) or {}
+    return {**v.raw, "tokenizer": tok.to_json(), "model_type": v.arch.get("type") or "gpt",
+            "source": v.info.get("source") or named.get("source", "imported"), "step": v.step or 0,
+            "versions": _versions(), "imported_from": {"format": "lmpipe", "path": str(v.path)}}
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    import lmpipe
+
+    return {"torch": str(torch.__version__), "lmpipe": lmpipe.__version__}
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
+    """Write an lmpipe checkpoint as safetensors (+ config.json, tokenizer.json) or as a Hugging Face
+    GPT-2 directory; return the directory."""
+    from lmpipe.checkpoint import load_checkpoint, tokenizer_from_checkpoint
+
+    ckpt = load_checkpoint(src, mmap=True)
+    src = Path(src)
+    out = Path(out) if out else src.with_name(f"{src.stem}-{fmt}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: already exists and is not empty; remove it or pass --out DIR")
+    tok = tokenizer_from_checkpoint(ckpt)
+    arch = {**ckpt["hyperparameters"]["model"], "vocab_size": ckpt["vocab_size"], "block_size": ckpt["block_size"],
+            "type": ckpt.get("model_type", ckpt["hyperparameters"]["model"]["type"])}
+    if fmt == "hf" and arch["type"] != "gpt":
+        raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; "
+                        "use --format safetensors")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        (_write_hf if fmt == "hf" else _write_safetensors)(tmp, ckpt, arch, tok)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_tensors(path: Path, tensors: dict[str, Any], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared storage (tied weights): every tensor gets its own contiguous copy
+    save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(path), metadata=meta)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_safetensors(d: Path, ckpt: dict, arch: dict, tok) -> None:
+    _save_tensors(d / "model.safetensors", ckpt["model_state_dict"], {"format": "pt", "step": str(ckpt["step"])})
+    _write_json(d / "config.json", {"format": "lmpipe-safetensors", "model_type": arch["type"], "architecture": arch,
+                                    "step": ckpt["step"], "source": ckpt.get("source"),
+                                    "hyperparameters": ckpt["hyperparameters"]})
+    (d / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
+
+
+def _write_hf(d: Path, ckpt: dict, arch: dict, tok) -> None:
+    import torch
+
+    sd, C, L = ckpt["model_state_dict"], arch["n_embd"], arch["n_layer"]
+    out = {"transformer.wte.weight": sd["transformer.wte.weight"], "transformer.wpe.weight": sd["transformer.wpe.weight"]}
+    zeros = lambda n: torch.zeros(n, dtype=sd["transformer.wte.weight"].dtype)  # noqa: E731  GPT-2 always has biases
+    for name, width in [(f"h.{i}.{m}", w) for i in range(L) for m, w in (
+            ("ln_1", C), ("attn.c_attn", 3 * C), ("attn.c_proj", C), ("ln_2", C), ("mlp.c_fc", 4 * C),
+            ("mlp.c_proj", C))] + [("ln_f", C)]:
+        w = sd[f"transformer.{name}.weight"]
+        out[f"transformer.{name}.weight"] = w.t() if w.dim() == 2 else w  # HF Conv1D stores (in, out)
+        out[f"transformer.{name}.bias"] = sd.get(f"transformer.{name}.bias", zeros(width))
+    _save_tensors(d / "model.safetensors", out, {"format": "pt"})
+    hf_tok = tok.tok if hasattr(tok, "tok") else _char_as_hf(tok)
+    eot = hf_tok.token_to_id("<|endoftext|>")  # GPT-2's and lmpipe BPE's end-of-text token; None for char
+    _write_json(d / "config.json", {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": arch["vocab_size"],
+        "n_positions": arch["block_size"], "n_embd": C, "n_layer": L, "n_head": arch["n_head"], "n_inner": None,
+        "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": arch.get("dropout", 0.0), "embd_pdrop": arch.get("dropout", 0.0),
+        "attn_pdrop": arch.get("dropout", 0.0), "tie_word_embeddings": True, "lmpipe_step": ckpt["step"],
+        "bos_token_id": eot, "eos_token_id": eot})
+    hf_tok.save(str(d / "tokenizer.json"))
+    _write_json(d / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                              "model_max_length": arch["block_size"]})
+
+
+def _char_as_hf(tok):
+    """A character vocabulary as a `tokenizers` tokenizer: one token per character, decoded by joining."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return t

@@ -1,0 +1,264 @@
+"""`lmpipe ckpt doctor`: the recovery guide's failure classes, recognised, each with a diagnosis and
+the exact command that fixes it.
+
+not found · tensor size mismatch · corrupted · optimizer trouble · `_orig_mod.`/`module.` prefixes ·
+missing tokenizer · unsafe pickle · leftovers of interrupted saves. Exit codes: 0 healthy (notes
+only), 3 fixable, 4 broken.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmpipe.formats import View
+from lmpipe.inspection import Row, scan
+from lmpipe.integrity import Report, buildable_arch, check, shape_mismatches
+
+EXIT = {"healthy": 0, "fixable": 3, "broken": 4}
+SEVERITY = {"note": 0, "fixable": 1, "broken": 2}
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+
+
+@dataclass
+class Finding:
+    severity: str  # note | fixable | broken
+    title: str
+    detail: list[str] = field(default_factory=list)
+    fix: str | None = None
+
+
+@dataclass
+class Diagnosis:
+    path: str
+    summary: str  # "lmpipe, step 20" or what was found instead
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        worst = max((SEVERITY[f.severity] for f in self.findings), default=0)
+        return ("healthy", "fixable", "broken")[worst]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "summary": self.summary, "status": self.status,
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = False,
+             trust_pickle: bool = False) -> list[Diagnosis]:
+    """One Diagnosis per checkpoint at `path` (a file, a glob, or a directory of checkpoints).
+    model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly."""
+    target = Path(os.path.expanduser(path))
+    if any(c in path for c in "*?["):
+        matches = sorted(glob.glob(str(target)), key=os.path.getmtime)
+        if not matches:
+            return [not_found(target)]
+        target = Path(matches[-1])
+    if not target.exists():
+        return [not_found(target)]
+    if target.is_dir() and not _is_single(target):
+        rows = scan(target, depth=1)
+        out = [diagnose_one(Path(r.path), model_cfg, forced, trust_pickle) for r in rows]
+        return out + [_directory(target, rows)]
+    return [diagnose_one(target, model_cfg, forced, trust_pickle)]
+
+
+def _is_single(d: Path) -> bool:
+    from lmpipe.formats import hf_weight_files
+
+    return (d / "config.json").exists() and bool(hf_weight_files(d))
+
+
+def diagnose_one(path: Path, model_cfg: dict | None, forced: bool, trust_pickle: bool) -> Diagnosis:
+    r = check(path, trust_pickle)
+    v = r.view
+    d = Diagnosis(str(path), f"{v.format}, step {v.step}" if v else "unreadable")
+    for p in r.problems:
+        d.findings.append(_finding_for(p.kind, p.text, r))
+    if v is not None:
+        d.findings += _prefixes(v) + _tokenizer(v) + _resumability(v)
+        if model_cfg:
+            d.findings += _size_mismatch(v, model_cfg, forced)
+    return d
+
+
+def _finding_for(kind: str, text: str, r: Report) -> Finding:
+    path = r.path
+    if kind in ("integrity", "load", "nonfinite"):
+        earlier = last_good_before(path)
+        title = "corrupted" if kind != "nonfinite" else "NaN/Inf in the weights (training diverged)"
+        if earlier is None:
+            return Finding("broken", title, [text, "no earlier checkpoint verifies"],
+                           "retrain: lmpipe run (or ENABLE_CHECKPOINTS=true python3 training.py)")
+        return Finding("fixable", title, [text, f"the last verified earlier checkpoint: {earlier}"],
+                       f"lmpipe resume --checkpoint {earlier}   (or: lmpipe generate --checkpoint {earlier})")
+    if kind == "unsafe":
+        return Finding("fixable", "needs arbitrary unpickling", [text],
+                       f"only if you trust its origin: lmpipe ckpt inspect {path} --trust-pickle")
+    if kind == "optimizer":
+        return Finding("fixable", "optimizer state does not fit", [text],
+                       f"lmpipe resume --checkpoint {path} --no-optimizer --warmup 100")
+    if kind == "tokenizer" or "tokenizer" in text:
+        return _missing_tokenizer(path, text)
+    return Finding("broken", kind, [text])
+
+
+def last_good_before(path: Path) -> Path | None:
+    """The newest checkpoint in the same directory that is older than `path` and verifies."""
+    from lmpipe.checkpoint import list_checkpoints, parse_filename, verify_checkpoint
+
+    named = parse_filename(path)
+    if named is None:
+        return None
+    earlier = [p for p in list_checkpoints(path.parent)
+               if p != path and (parse_filename(p) or {}).get("step", 1 << 62) < named["step"]]
+    for cand in sorted(earlier, key=lambda p: parse_filename(p)["step"], reverse=True):
+        if verify_checkpoint(cand, deep=True).ok:
+            return cand
+    return None
+
+
+def not_found(path: Path) -> Diagnosis:
+    """What exists near a missing path, and the checkpoint with the nearest step."""
+    near = next((p for p in [path.parent, *path.parents] if p.is_dir()), Path("."))
+    rows = scan(near, depth=1)
+    d = Diagnosis(str(path), "not found")
+    if not rows:
+        d.findings.append(Finding("broken", "Checkpoint not found", [f"no checkpoints in {near}/"],
+                                  "train with checkpoints: ENABLE_CHECKPOINTS=true python3 training.py "
+                                  "(or: lmpipe run)"))
+        return d
+    want = _step_in_name(path.name)
+    best = min(rows, key=lambda r: (abs((r.step or 0) - want), (r.step or 0) > want)) if want is not None else rows[-1]
+    steps = ", ".join(str(r.step) for r in rows[-12:])
+    detail = [f"{near}/ holds {len(rows)} checkpoint(s); steps: {steps}",
+              f"nearest{' to step ' + str(want) if want is not None else ' (newest)'}: {best.path} (step {best.step})"]
+    d.findings.append(Finding("fixable", "Checkpoint not found", detail, _use_command(best)))
+    return d
+
+
+def _step_in_name(name: str) -> int | None:
+    m = re.search(r"step(\d+)", name) or re.match(r"(?:model|meta|optim)_(\d+)", name)
+    return int(m[1]) if m else None
+
+
+def _use_command(row: Row) -> str:
+    if row.format == "nanochat":
+        return f"python -m scripts.base_train --model-tag={Path(row.path).parent.name} --resume-from-step={row.step}"
+    if row.format == "lmpipe":
+        return f"lmpipe resume --checkpoint {row.path}   (or: lmpipe generate --checkpoint {row.path})"
+    return f"lmpipe ckpt inspect {row.path}"
+
+
+def _prefixes(v: View) -> list[Finding]:
+    raw = v.raw.get("model_state_dict") or v.raw.get("model") if isinstance(v.raw, dict) else None
+    keys = list(raw) if isinstance(raw, dict) else list(v.state)
+    hit = sorted({p for k in keys for p in ("_orig_mod.", "module.") if k.startswith(p)})
+    if not hit:
+        return []
+    fix = f"lmpipe ckpt import {v.path}   (writes a clean lmpipe copy)" if v.format == "nanogpt" else None
+    return [Finding("note", f"weight names carry {' and '.join(hit)} prefixes (torch.compile / DDP)",
+                    ["lmpipe strips them on load and never writes them"], fix)]
+
+
+def _tokenizer(v: View) -> list[Finding]:
+    if v.format == "nanogpt" and v.tokenizer and v.tokenizer["kind"] == "gpt2" and (v.arch.get("vocab_size") or 0) < 50257:
+        ds = v.hyperparameters.get("config", {}).get("dataset", "DATASET")
+        return [Finding("fixable", "missing tokenizer", [
+            f"vocab_size={v.arch.get('vocab_size')} is a character vocabulary, but no meta.pkl was found "
+            f"(looked beside the checkpoint and in data/{ds}/)", f"rebuild it with nanoGPT: python data/{ds}/prepare.py"],
+            f"lmpipe ckpt import {v.path} --meta data/{ds}/meta.pkl")]
+    if v.tokenizer is None and v.format in ("nanochat", "hf"):  # lmpipe: a missing key, see check()
+        return [_missing_tokenizer(v.path, "no tokenizer found", v.format)]
+    return []
+
+
+def _missing_tokenizer(path: Path, text: str, fmt: str = "lmpipe") -> Finding:
+    from lmpipe.formats import nanochat_base_dir
+    from lmpipe.paths import TOKENIZER_FILE
+
+    if fmt == "nanochat":
+        where = nanochat_base_dir(path.parent) / "tokenizer"
+        return Finding("fixable", "missing tokenizer", [text, f"nanochat looks in {where}/"],
+                       "python -m scripts.tok_train   (nanochat rebuilds it from its training data)")
+    if fmt == "hf":
+        return Finding("fixable", "missing tokenizer", [text, f"no tokenizer.json or vocab.json in {path}"],
+                       f"copy tokenizer.json (or vocab.json + merges.txt) from the base model into {path}/")
+    found = [p for p in (path.parent / "tokenizer.json", TOKENIZER_FILE) if p.is_file()]
+    if found:
+        return Finding("fixable", "missing tokenizer", [text, f"found a tokenizer at {found[0]}"],
+                       f"lmpipe ckpt import {path} --tokenizer {found[0]}")
+    return Finding("fixable", "missing tokenizer", [text, "no tokenizer.json beside it or in data/tokenizer/"],
+                   f"lmpipe stage tokenizer (on the corpus it was trained on), then lmpipe ckpt import {path} "
+                   f"--tokenizer {TOKENIZER_FILE}")
+
+
+def _resumability(v: View) -> list[Finding]:
+    if v.format != "lmpipe":
+        return []
+    if v.optimizer is None:
+        return [Finding("note", "no optimizer state", ["it can generate; resuming needs a fresh optimizer"],
+                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]
+    if "train_state" not in v.keys:
+        return [Finding("note", "no training state", ["written by an older lmpipe or imported: it can generate, "
+                                                      "not resume bit-exactly"])]
+    return []
+
+
+def _size_mismatch(v: View, model_cfg: dict, forced: bool) -> list[Finding]:
+    """Only when the user forces an architecture (-S model.* or MODEL_TYPE): resume and generate
+    otherwise build the model from the checkpoint's own hyperparameters."""
+    arch = buildable_arch(v)
+    if not forced or arch is None or model_cfg.get("type") != arch["type"]:
+        return []
+    want = {**model_cfg, "vocab_size": arch["vocab_size"]}
+    try:
+        reshaped, missing, unexpected = shape_mismatches(v.state, want)
+    except (TypeError, ValueError, RuntimeError):
+        return []
+    if not (reshaped or missing or unexpected):
+        return []
+    keys = [k for k in ARCH_KEYS if k in arch and k in want and arch[k] != want[k]]
+    detail = [f"{k}: checkpoint {tuple(a)}, configured model {tuple(b)}" for k, a, b in reshaped]
+    for names, where in ((missing, "only in the configured model"), (unexpected, "only in the checkpoint")):
+        if names:
+            detail.append(f"{len(names)} tensor(s) {where}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+    if keys:
+        detail.append(f"checkpoint has {', '.join(f'{k}={arch[k]}' for k in keys)}; you asked for "
+                      f"{_and([str(want[k]) for k in keys])}")
+    detail.append("lmpipe resume and generate build the model from the checkpoint's own hyperparameters")
+    fix = "drop the -S model.* / MODEL_TYPE overrides, or match the checkpoint: " + \
+        " ".join(f"-S model.{k}={arch[k]}" for k in keys if k != "vocab_size")
+    return [Finding("fixable", "tensor size mismatch", detail, fix)]
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _directory(d: Path, rows: list[Row]) -> Diagnosis:
+    """Leftovers of interrupted saves, manifest entries without a file, and free disk space."""
+    from lmpipe.checkpoint import read_manifest
+    from lmpipe.fileio import stale_temporaries
+
+    out = Diagnosis(str(d), f"directory, {len(rows)} checkpoint(s)")
+    tmps = stale_temporaries(d)
+    if tmps:
+        out.findings.append(Finding("note", "temporaries of interrupted saves", [t.name for t in tmps[:5]],
+                                    "removed when training next starts in this directory; or: rm " +
+                                    " ".join(str(t) for t in tmps[:5])))
+    dangling = [n for n in read_manifest(d) if not (d / n).exists()]
+    if dangling:
+        out.findings.append(Finding("note", "manifest entries without a file", dangling[:5],
+                                    "dropped when training next starts in this directory"))
+    if rows:
+        biggest, free = max(r.size for r in rows), shutil.disk_usage(d).free
+        if free < 2 * biggest:
+            out.findings.append(Finding("fixable", "low disk space", [
+                f"{free / 1e6:.0f} MB free, the largest checkpoint is {biggest / 1e6:.0f} MB"],
+                f"free space, or keep fewer: -S checkpoint.keep_last=2 (retention deletes older ones)"))
+    return out

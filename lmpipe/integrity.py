@@ -1,0 +1,193 @@
+"""`lmpipe ckpt verify`: everything that must hold for a checkpoint to be trusted, one problem per line.
+
+Integrity (size and sha256 against the manifest), loadability with weights_only, completeness, weights
+that fit the architecture the checkpoint declares, NaN/Inf in any tensor, and optimizer state that
+matches the parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmpipe.errors import UserError
+from lmpipe.formats import View, open_view, shape_of
+from lmpipe.safeload import UnsafePickle
+
+BUILDABLE = ("gpt", "bigram")  # architectures lmpipe can rebuild to check a state dict against
+
+
+@dataclass
+class Problem:
+    kind: str  # integrity | unsafe | load | incomplete | architecture | tokenizer | nonfinite | optimizer
+    text: str
+
+
+@dataclass
+class Report:
+    path: Path
+    view: View | None = None
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def kinds(self) -> set[str]:
+        return {p.kind for p in self.problems}
+
+
+def check(path: str | Path, trust_pickle: bool = False) -> Report:
+    from lmpipe.checkpoint import verify_checkpoint
+
+    path = Path(path).expanduser()
+    r = Report(path)
+    if path.is_file() and path.name.startswith("checkpoint_"):
+        v = verify_checkpoint(path)
+        if v.status in ("corrupt", "missing"):
+            r.problems.append(Problem("integrity", v.detail))
+            return r
+        if v.status == "unverified":
+            r.notes.append(f"{v.detail}: integrity cannot be checked, only loadability")
+    try:
+        r.view = open_view(path, trust_pickle)
+    except UnsafePickle as e:
+        r.problems.append(Problem("unsafe", str(e)))
+        return r
+    except UserError as e:
+        r.problems.append(Problem("load", str(e)))
+        return r
+    for check_fn in (_completeness, _architecture, _nonfinite, _optimizer):
+        r.problems += check_fn(r.view)
+    return r
+
+
+def _completeness(v: View) -> list[Problem]:
+    from lmpipe.checkpoint import REQUIRED_KEYS
+
+    out = []
+    if v.format == "lmpipe":
+        missing = [k for k in REQUIRED_KEYS if k not in v.keys]
+        if missing:
+            out.append(Problem("incomplete", f"missing {', '.join(missing)} (not written by this lmpipe)"))
+    if v.format == "nanochat" and v.info.get("missing_meta"):
+        out.append(Problem("incomplete", f"meta_{v.step:06d}.json is missing: the model config is unknown"))
+    tok = v.tokenizer
+    if tok and tok.get("problem"):
+        out.append(Problem("tokenizer", tok["problem"]))
+    elif tok and v.format == "lmpipe" and tok.get("vocab_size") != v.arch.get("vocab_size"):
+        out.append(Problem("tokenizer", f"tokenizer has {tok.get('vocab_size')} tokens, the model "
+                                        f"{v.arch.get('vocab_size')}"))
+    return out
+
+
+def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, tuple, tuple]], list[str], list[str]]:
+    """Compare a state dict with a model built from `arch`: (reshaped, missing, unexpected)."""
+    from models import build_model
+
+    expected = {k: tuple(t.shape) for k, t in build_model(arch).state_dict().items()}
+    have = {k: shape_of(state, k)[0] for k in state if not _is_mask_buffer(k)}
+    reshaped = [(k, have[k], expected[k]) for k in have if k in expected and have[k] != expected[k]]
+    return reshaped, sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
+
+
+def _is_mask_buffer(name: str) -> bool:
+    return name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")  # nanoGPT/HF causal masks
+
+
+def buildable_arch(v: View) -> dict[str, Any] | None:
+    arch = dict(v.arch)
+    if arch.get("type") not in BUILDABLE or not arch.get("vocab_size"):
+        return None
+    if arch["type"] == "gpt" and not all(arch.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size")):
+        return None
+    return arch
+
+
+def _architecture(v: View) -> list[Problem]:
+    arch = buildable_arch(v)
+    if arch is None or v.format not in ("lmpipe", "nanogpt"):
+        return []
+    try:
+        reshaped, missing, unexpected = shape_mismatches(v.state, arch)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return [Problem("architecture", f"its hyperparameters do not build a {arch['type']} model ({e})")]
+    lines = [f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in reshaped]
+    lines += [f"{k}: missing" for k in missing[:5]] + [f"{k}: not in the model" for k in unexpected[:5]]
+    return [Problem("architecture", "weights do not fit the architecture it declares: " + "; ".join(lines[:6]))] \
+        if lines else []
+
+
+def _nonfinite(v: View) -> list[Problem]:
+    bad = [name for name, t in _float_tensors(v.state) if not _finite(t)]
+    opt_bad = [name for name, t in _optimizer_tensors(v.optimizer) if not _finite(t)]
+    out = []
+    if bad:
+        out.append(Problem("nonfinite", f"NaN or Inf in {len(bad)} weight tensor(s): {', '.join(bad[:5])}"))
+    if opt_bad:
+        out.append(Problem("optimizer", f"NaN or Inf in optimizer state: {', '.join(opt_bad[:5])}"))
+    return out
+
+
+def _finite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
+
+
+def _float_tensors(state: Any):
+    import torch
+
+    for name in state:
+        t = state[name]
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            yield name, t
+
+
+def _optimizer_tensors(opt: Any):
+    for i, o in enumerate(opt if isinstance(opt, list) else [opt] if opt else []):
+        for idx, st in ((o or {}).get("state") or {}).items() if isinstance(o, dict) else ():
+            for key, t in _float_tensors(st):
+                yield f"{'' if not isinstance(opt, list) else f'[{i}]'}param {idx} {key}", t
+
+
+def _optimizer(v: View) -> list[Problem]:
+    """lmpipe and nanoGPT order parameters the same way (matrices, then vectors): check each one.
+    Other formats: the count of parameters and the shapes of their state."""
+    if not v.optimizer or v.format == "nanochat":  # nanochat shards state across ranks: shapes differ
+        return []
+    arch = buildable_arch(v)
+    if arch is not None and v.format in ("lmpipe", "nanogpt") and isinstance(v.optimizer, dict):
+        return _exact_optimizer_check(v, arch)
+    import torch
+
+    shapes = {tuple(t.shape) for _, t in _float_tensors(v.state)}
+    out = []
+    for i, o in enumerate(v.optimizer if isinstance(v.optimizer, list) else [v.optimizer]):
+        if not isinstance(o, dict) or "param_groups" not in o:
+            continue
+        for idx, st in (o.get("state") or {}).items():
+            odd = [k for k, t in st.items() if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) not in shapes]
+            if odd:
+                out.append(Problem("optimizer", f"optimizer {i} state {odd[0]} of parameter {idx} has shape "
+                                                f"{tuple(st[odd[0]].shape)}, which no weight tensor has"))
+                break
+    return out
+
+
+def _exact_optimizer_check(v: View, arch: dict) -> list[Problem]:
+    from models import build_model
+
+    from lmpipe.checkpoint import check_optimizer_state, strip_prefixes
+    from lmpipe.config import TrainConfig
+    from lmpipe.training import make_optimizer
+
+    model = build_model(arch)
+    model.load_state_dict({k: t for k, t in strip_prefixes(dict(v.state)).items() if not _is_mask_buffer(k)},
+                          strict=False)
+    try:
+        check_optimizer_state({"optimizer_state_dict": v.optimizer}, make_optimizer(model, TrainConfig()), v.path)
+    except UserError as e:
+        return [Problem("optimizer", str(e).removeprefix(f"{v.path}: "))]
+    return []

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""The seed guide's `python3 scripts/load_checkpoint.py`: CHECKPOINT_PATH with MODE=inference
+(`lmpipe generate`; PROMPT, MAX_NEW_TOKENS, DEVICE) or MODE=resume (`lmpipe resume`;
+RESUME_TRAINING_STEPS, RESUME_LEARNING_RATE). See lmpipe/seed.py."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, for `lmpipe`
+
+from lmpipe.seed import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("load_checkpoint"))

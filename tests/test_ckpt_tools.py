@@ -1,0 +1,150 @@
+"""`lmpipe ckpt` on lmpipe checkpoints: list, inspect, verify, diff, doctor, export."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from builders import ARCH, CHARS, lmpipe_payload, save_lmpipe, tiny_model
+from conftest import cli_env
+from lmpipe import checkpoint
+from lmpipe.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def ckdir(project):
+    d = project / "checkpoints"
+    save_lmpipe(d, 10, source="letters")
+    save_lmpipe(d, 20, source="letters")
+    save_lmpipe(d, 30, model_type="bigram", source="notes",
+                arch={"type": "bigram", "n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 16, "dropout": 0.0,
+                      "bias": False})
+    return d
+
+
+def test_list_filters_and_reads_no_tensors(ckdir, capsys):
+    code, out, _ = run(capsys, "ckpt", "list", "--json")
+    rows = json.loads(out)
+    assert code == 0 and [r["step"] for r in rows] == [10, 20, 30]  # newest last
+    assert rows[0]["val_loss"] == pytest.approx(1.99) and rows[0]["verified"] == "ok" and rows[0]["run_id"] == "run10"
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--model", "bigram", "--json")[1])] == [30]
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--source", "lett", "--json")[1])] == [10, 20]
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--step", "20", "--json")[1])] == [20]
+    # a size that disagrees with the manifest shows without reading tensors
+    with open(sorted(ckdir.glob("*step0020*"))[0], "ab") as f:
+        f.write(b"x")
+    assert [r["verified"] for r in json.loads(run(capsys, "ckpt", "list", "--json")[1])] == ["ok", "corrupt", "ok"]
+    # the table, in a fresh interpreter: torch is never imported for lmpipe checkpoints
+    probe = ("import sys; from lmpipe.cli import main; main(['ckpt', 'list']); "
+             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), check=True)
+    assert "MODEL" in res.stdout and "VAL LOSS" in res.stdout and "RUN ID" in res.stdout
+    assert res.stdout.strip().endswith("no torch")
+
+
+def test_inspect_describes_everything(ckdir, capsys):
+    code, out, _ = run(capsys, "ckpt", "inspect", "latest", "--json")
+    d = json.loads(out)
+    model = tiny_model({**ARCH, "type": "bigram"})
+    assert code == 0 and d["format"] == "lmpipe" and d["step"] == 30 and d["format_version"] == checkpoint.FORMAT_VERSION
+    assert d["total_params"] == sum(p.numel() for p in model.parameters())
+    assert d["tensors"][0] == {"name": "token_embedding_table.weight", "shape": [len(CHARS), len(CHARS)],
+                               "dtype": "float32", "params": len(CHARS) ** 2}
+    assert d["optimizer"][0]["type"] == "AdamW" and d["optimizer"][0]["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert d["tokenizer"]["kind"] == "char" and d["tokenizer"]["vocab_size"] == len(CHARS)
+    assert d["versions"]["torch"] == str(torch.__version__) and d["hyperparameters"]["model"]["type"] == "bigram"
+    code, out, _ = run(capsys, "ckpt", "inspect", str(sorted(ckdir.glob("*step0010*"))[0]))
+    assert "=== Optimizer ===" in out and "Total parameters:" in out and "tied weights counted once" in out
+
+
+def test_verify_reports_each_problem(ckdir, capsys):
+    code, out, _ = run(capsys, "ckpt", "verify", str(ckdir))
+    assert code == 0 and out.count("ok    ") == 3
+    # NaN in a weight, NaN in optimizer state, optimizer state of the wrong shape: all written with valid manifests
+    nan = lmpipe_payload(step=40)
+    nan["model_state_dict"]["transformer.wpe.weight"][0, 0] = float("nan")
+    checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "nan", 40), nan)
+    bad_opt = lmpipe_payload(step=50)
+    bad_opt["optimizer_state_dict"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
+    checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "opt", 50), bad_opt)
+    flipped = sorted(ckdir.glob("*step0010*"))[0]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "ckpt", "verify", str(ckdir))
+    assert code == 1
+    assert f"FAIL  {flipped}: integrity: " in out and "sha256 differs" in out
+    assert "nonfinite: NaN or Inf in 1 weight tensor(s): transformer.wpe.weight" in out
+    assert "optimizer: optimizer exp_avg of parameter 0 has shape (3, 3)" in out
+    code, _, _ = run(capsys, "ckpt", "verify", str(sorted(ckdir.glob("*step0020*"))[0]))
+    assert code == 0
+
+
+def test_diff_norms_and_shapes(ckdir, capsys):
+    a, b = sorted(ckdir.glob("checkpoint_gpt_*"))
+    code, out, _ = run(capsys, "ckpt", "diff", str(a), str(a), "--json")
+    d = json.loads(out)
+    assert code == 0 and d["relative_change"] == 0 and d["identical"] == len(d["changes"])
+    other = lmpipe_payload(model=tiny_model(seed=5), step=20, arch={**ARCH, "n_embd": 16})
+    checkpoint.save_checkpoint(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt",
+                               lmpipe_payload(model=tiny_model({**ARCH, "n_embd": 16}, seed=5), step=20,
+                                              arch={**ARCH, "n_embd": 16}))
+    del other
+    d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt"),
+                       "--json")[1])
+    assert {"key": "model.n_embd", "a": 8, "b": 16} in d["hyperparameters"]
+    assert {"name": "transformer.wte.weight", "a": [len(CHARS), 8], "b": [len(CHARS), 16]} in d["reshaped"]
+    # same shapes, different weights: the per-tensor norms are the exact ‖B−A‖
+    payload = lmpipe_payload(step=99)
+    payload["model_state_dict"] = {k: v.clone() for k, v in checkpoint.load_checkpoint(a)["model_state_dict"].items()}
+    payload["model_state_dict"]["transformer.wpe.weight"] += 0.5
+    checkpoint.save_checkpoint(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt", payload)
+    d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt"),
+                       "--json")[1])
+    top = d["changes"][0]
+    assert top["name"] == "transformer.wpe.weight" and top["max_abs"] == pytest.approx(0.5)
+    assert top["norm"] == pytest.approx(0.5 * (16 * 8) ** 0.5) and d["identical"] == len(d["changes"]) - 1
+
+
+def test_export_safetensors_roundtrip(ckdir, capsys):
+    from safetensors.torch import load_file
+
+    from lmpipe.tokenizer import from_json
+
+    src = sorted(ckdir.glob("checkpoint_gpt_*"))[0]
+    code, out, _ = run(capsys, "ckpt", "export", str(src), "--format", "safetensors", "--out", "exported")
+    assert code == 0
+    weights = load_file("exported/model.safetensors")
+    saved = checkpoint.load_checkpoint(src)["model_state_dict"]
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    config = json.loads((ckdir.parent / "exported" / "config.json").read_text())
+    assert config["architecture"]["n_embd"] == 8 and config["step"] == 10
+    tok = from_json((ckdir.parent / "exported" / "tokenizer.json").read_text())
+    assert tok.decode(tok.encode("Dear Agnes")) == "Dear Agnes"
+    code, _, err = run(capsys, "ckpt", "export", str(src), "--out", "exported")
+    assert code == 2 and "already exists" in err
+
+
+@pytest.mark.slow
+def test_export_hf_matches_logits(ckdir, capsys):
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    src = sorted(ckdir.glob("checkpoint_gpt_*"))[0]
+    assert run(capsys, "ckpt", "export", str(src), "--format", "hf", "--out", "hf")[0] == 0
+    _, ours, tok = checkpoint.load_for_inference(src)
+    theirs = GPT2LMHeadModel.from_pretrained(ckdir.parent / "hf").eval()
+    ids = torch.tensor([tok.encode("Dear Agnes, my")])  # within block_size
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=1e-4, atol=1e-5)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(ckdir.parent / "hf" / "tokenizer.json"))
+    assert hf_tok.encode("Dear Agnes") == tok.encode("Dear Agnes")
+    assert hf_tok.decode(tok.encode("my hedge\nis tall")) == "my hedge\nis tall"
+    code, _, err = run(capsys, "ckpt", "export", str(sorted(ckdir.glob("checkpoint_bigram_*"))[0]), "--format", "hf")
+    assert code == 2 and "use --format safetensors" in err
