@@ -1,14 +1,17 @@
 """`make bench`: every benchmark, each printing its ratios against its target."""
 import argparse
 
-from bench import checkpoints, throughput
+from bench import checkpoints, ckpt_tools, throughput
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=("throughput", "checkpoints"))
+    ap.add_argument("--only", choices=("throughput", "checkpoints", "ckpt_tools"))
     args = ap.parse_args()
     if args.only in (None, "throughput"):
         throughput.main([])
         print()
     if args.only in (None, "checkpoints"):
         checkpoints.main()
+        print()
+    if args.only in (None, "ckpt_tools"):
+        ckpt_tools.main()

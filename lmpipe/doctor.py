@@ -205,7 +205,7 @@ def _resumability(v: View) -> list[Finding]:
                         f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]
     if "train_state" not in v.keys:
         return [Finding("note", "no training state", ["written by an older lmpipe or imported: it can generate, "
-                                                      "not resume bit-exactly"])]
+                                                      "not be resumed"])]
     return []
 
 

@@ -97,12 +97,11 @@ def foreign_hint(obj: Any, path: Path) -> str:
     keys = set(obj) if isinstance(obj, dict) else set()
     if {"model", "model_args"} <= keys:
         return f"it is a nanoGPT checkpoint: convert it with 'lmpipe ckpt import {path}'"
-    if "state_dict" in keys:
-        return f"it is a Lightning (or state_dict) checkpoint: 'lmpipe ckpt inspect {path}' describes it"
-    if _is_state(obj):
-        return f"it is a bare state dict without lmpipe's metadata: 'lmpipe ckpt inspect {path}' describes it"
-    return ("the file may be corrupted or not a checkpoint; use one from an earlier step "
-            "or re-run training with checkpoints enabled")
+    fix = "use a checkpoint from an earlier step, or re-run training with ENABLE_CHECKPOINTS=true"
+    if "state_dict" in keys or _is_state(obj):
+        kind = "a Lightning (or state_dict)" if "state_dict" in keys else "a bare state dict, not an lmpipe"
+        return f"it is {kind} checkpoint ('lmpipe ckpt inspect {path}' describes it); {fix}"
+    return f"the file may be corrupted or not a checkpoint; {fix}"
 
 
 def _is_state(obj: Any) -> bool:
