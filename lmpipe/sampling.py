@@ -8,11 +8,14 @@ from lmpipe.errors import UserError
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """idx (B, T) → (B, T + max_new_tokens); the context is cropped to the model's block_size."""
+           top_k: int = 0, generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+    """idx (B, T) → (B, T + max_new_tokens); the context is cropped to the model's block_size.
+    vocab_limit: never sample ids at or above it (nanoGPT pads GPT-2's 50257 tokens to 50304)."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx[:, -model.block_size:])  # (B, T, vocab)
         logits = logits[:, -1, :] / temperature  # (B, vocab)
+        if vocab_limit is not None and vocab_limit < logits.size(-1):
+            logits[:, vocab_limit:] = -float("inf")
         if top_k > 0:
             v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
             logits[logits < v[:, [-1]]] = -float("inf")
@@ -35,7 +38,7 @@ def generate_text(model: torch.nn.Module, tok, prompt: str = "", max_new_tokens:
     gen = torch.Generator().manual_seed(seed)
     model.eval()
     out = sample(model, torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
-                 temperature, top_k, gen)
+                 temperature, top_k, gen, vocab_limit=tok.vocab_size)
     text = tok.decode(out[0].tolist())
     return text if prompt else text.lstrip("\n")
 

@@ -156,3 +156,17 @@ def test_malicious_pickles_never_run(project, capsys):
     assert run(capsys, "ckpt", "inspect", "ns.ckpt")[0] == 2
     code, out, _ = run(capsys, "ckpt", "inspect", "ns.ckpt", "--trust-pickle", "--json")
     assert code == 0 and json.loads(out)["hyperparameters"] == {"n_layer": 1, "lr": 0.1}
+
+
+def test_sampling_never_emits_padded_vocabulary_ids():
+    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows: ids the tokenizer lacks are never sampled."""
+    from lmpipe.sampling import sample
+    from models import build_model
+
+    model = build_model({"type": "bigram", "vocab_size": 30, "block_size": 8})
+    with torch.no_grad():
+        model.token_embedding_table.weight[:, 25:] = 100.0  # the padded ids would win every draw
+    gen = torch.Generator().manual_seed(0)
+    out = sample(model, torch.zeros(1, 1, dtype=torch.long), 40, generator=gen, vocab_limit=25)
+    assert int(out.max()) < 25
+    assert int(sample(model, torch.zeros(1, 1, dtype=torch.long), 5, generator=gen)[:, 1:].min()) >= 25
