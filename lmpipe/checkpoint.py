@@ -77,7 +77,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
+    return {k: (v if v is not None and v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
 
 
 # --- manifest ----------------------------------------------------------------------------------
@@ -113,6 +113,8 @@ def clean_directory(directory: str | Path) -> list[str]:
     directory = Path(directory)
     notes = []
     for tmp in stale_temporaries(directory):
+        if tmp.is_dir():  # not lmpipe's: left alone
+            continue
         tmp.unlink(missing_ok=True)
         notes.append(f"removed the temporary of an interrupted save: {tmp.name}")
     dangling = [n for n in read_manifest(directory) if not (directory / n).exists()]

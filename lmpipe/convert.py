@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.errors import UserError
+from lmpipe.fileio import fsync_dir, fsync_path
 from lmpipe.formats import View, open_view
 from lmpipe.safeload import pickle_load
 
@@ -79,7 +80,7 @@ def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
     from lmpipe import tokenizer as toks
 
     tok = toks.load(tokenizer_file)
-    if tok.vocab_size != v.arch.get("vocab_size"):
+    if tok.vocab_size > (v.arch.get("vocab_size") or 0):  # fewer is fine: padded embedding rows
         raise UserError(f"{tokenizer_file}: has {tok.vocab_size} tokens, the checkpoint's model "
                         f"{v.arch.get('vocab_size')}; use the tokenizer it was trained with")
     missing = [k for k in ("hyperparameters", "vocab_size", "block_size") if k not in v.raw]
@@ -119,15 +120,20 @@ def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
     if fmt == "hf" and arch["type"] != "gpt":
         raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; "
                         "use --format safetensors")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         (_write_hf if fmt == "hf" else _write_safetensors)(tmp, ckpt, arch, tok)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        fsync_dir(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)
     return out
 
 

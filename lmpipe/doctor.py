@@ -62,6 +62,8 @@ def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = 
         return [not_found(target)]
     if target.is_dir() and not _is_single(target):
         rows = scan(target, depth=1)
+        if not rows:
+            return [not_found(target / "*")]
         out = [diagnose_one(Path(r.path), model_cfg, forced, trust_pickle) for r in rows]
         return out + [_directory(target, rows)]
     return [diagnose_one(target, model_cfg, forced, trust_pickle)]
@@ -94,14 +96,24 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
         if earlier is None:
             return Finding("broken", title, [text, "no earlier checkpoint verifies"],
                            "retrain: lmpipe run (or ENABLE_CHECKPOINTS=true python3 training.py)")
-        return Finding("fixable", title, [text, f"the last verified earlier checkpoint: {earlier}"],
-                       f"lmpipe resume --checkpoint {earlier}   (or: lmpipe generate --checkpoint {earlier})")
+        row = Row("nanochat" if earlier.name.startswith("model_") else "lmpipe", "", "", _step_in_name(earlier.name),
+                  None, 0, None, "", "", str(earlier))
+        return Finding("fixable", title, [text, f"the last verified earlier checkpoint: {earlier}"], _use_command(row))
     if kind == "unsafe":
         return Finding("fixable", "needs arbitrary unpickling", [text],
                        f"only if you trust its origin: lmpipe ckpt inspect {path} --trust-pickle")
     if kind == "optimizer":
+        if r.view is not None and r.view.format != "lmpipe":
+            return Finding("fixable", "optimizer state does not fit", [text, "resume without the optimizer state in "
+                                                                       "the trainer that wrote it"])
         return Finding("fixable", "optimizer state does not fit", [text],
                        f"lmpipe resume --checkpoint {path} --no-optimizer --warmup 100")
+    if kind == "architecture" and r.view is not None:
+        from lmpipe.formats import infer_arch
+
+        shapes = ", ".join(f"{k}={x}" for k, x in infer_arch(r.view.state).items())
+        return Finding("broken", "tensor size mismatch", [text, f"the weights themselves say {shapes}",
+                                                          "the file was edited or written by another program"])
     if kind == "tokenizer" or "tokenizer" in text:
         return _missing_tokenizer(path, text)
     return Finding("broken", kind, [text])
@@ -110,7 +122,14 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
 def last_good_before(path: Path) -> Path | None:
     """The newest checkpoint in the same directory that is older than `path` and verifies."""
     from lmpipe.checkpoint import list_checkpoints, parse_filename, verify_checkpoint
+    from lmpipe.formats import NANOCHAT_RE, nanochat_steps
 
+    if (m := NANOCHAT_RE.match(path.name)) is not None:
+        for step in reversed([s for s in nanochat_steps(path.parent) if s < int(m[2])]):
+            cand = path.parent / f"model_{step:06d}.pt"
+            if check(cand).ok:
+                return cand
+        return None
     named = parse_filename(path)
     if named is None:
         return None
@@ -124,11 +143,12 @@ def last_good_before(path: Path) -> Path | None:
 
 def not_found(path: Path) -> Diagnosis:
     """What exists near a missing path, and the checkpoint with the nearest step."""
-    near = next((p for p in [path.parent, *path.parents] if p.is_dir()), Path("."))
-    rows = scan(near, depth=1)
+    near = path.parent
+    rows = scan(near, depth=1) if near.is_dir() else []
     d = Diagnosis(str(path), "not found")
     if not rows:
-        d.findings.append(Finding("broken", "Checkpoint not found", [f"no checkpoints in {near}/"],
+        where = f"no checkpoints in {near}/" if near.is_dir() else f"{near}/ does not exist"
+        d.findings.append(Finding("broken", "Checkpoint not found", [where],
                                   "train with checkpoints: ENABLE_CHECKPOINTS=true python3 training.py "
                                   "(or: lmpipe run)"))
         return d
@@ -200,12 +220,12 @@ def _missing_tokenizer(path: Path, text: str, fmt: str = "lmpipe") -> Finding:
 def _resumability(v: View) -> list[Finding]:
     if v.format != "lmpipe":
         return []
-    if v.optimizer is None:
-        return [Finding("note", "no optimizer state", ["it can generate; resuming needs a fresh optimizer"],
-                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]
     if "train_state" not in v.keys:
         return [Finding("note", "no training state", ["written by an older lmpipe or imported: it can generate, "
                                                       "not be resumed"])]
+    if v.optimizer is None:
+        return [Finding("note", "no optimizer state", ["it can generate; resuming needs a fresh optimizer"],
+                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]
     return []
 
 

@@ -133,12 +133,16 @@ def _umask() -> int:
     return 0o022
 
 
-def fsync_dir(path: str | Path) -> None:
+def fsync_path(path: str | Path) -> None:
+    """fsync a file's data, or a directory's entries (renames in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+fsync_dir = fsync_path
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

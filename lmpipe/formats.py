@@ -52,11 +52,22 @@ def open_view(path: str | Path, trust_pickle: bool = False) -> View:
     path = Path(os.path.expanduser(str(path)))
     if not path.exists():
         raise UserError(f"Checkpoint not found: {path}; 'lmpipe ckpt doctor {path}' shows what exists nearby")
+    try:
+        return _open(path, trust_pickle)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # JSON errors are ValueErrors
+        raise UserError(f"{path}: its layout is not what its format promises ({type(e).__name__}: {e}); "
+                        f"'lmpipe ckpt doctor {path}' may say more") from None
+
+
+def _open(path: Path, trust_pickle: bool) -> View:
     if path.is_dir():
         return _open_dir(path, trust_pickle)
     m = NANOCHAT_RE.match(path.name)
     if m and (path.parent / f"model_{m[2]}.pt").exists():
         return read_nanochat(path.parent, int(m[2]), trust_pickle)
+    if path.suffix == ".safetensors" and not (path.parent / "config.json").exists():
+        state = SafetensorsDict([path])
+        return View("torch", path, [path], state, arch=infer_arch(state), keys=list(state))
     if path.suffix == ".safetensors" or path.name == "config.json":
         return read_hf(path.parent, trust_pickle)
     return classify(path, torch_load(path, trust_pickle), trust_pickle)
@@ -232,9 +243,13 @@ def read_hf(directory: Path, trust_pickle: bool = False) -> View:
     optim = directory / "optimizer.pt"
     if optim.exists():
         files.append(optim)
+    if config.get("format") == "lmpipe-safetensors":  # what `lmpipe ckpt export --format safetensors` writes
+        config = {**config, **config.get("architecture", {}), "model_type": config.get("model_type")}
+        step = config.get("step")
     get = lambda *names: next((config[n] for n in names if n in config), None)  # noqa: E731
     arch = {"type": config.get("model_type", "hf"), "vocab_size": get("vocab_size"),
-            "block_size": get("n_positions", "max_position_embeddings"), "n_layer": get("n_layer", "num_hidden_layers"),
+            "block_size": get("n_positions", "max_position_embeddings", "block_size"),
+            "n_layer": get("n_layer", "num_hidden_layers"),
             "n_head": get("n_head", "num_attention_heads"), "n_embd": get("n_embd", "hidden_size")}
     return View("hf", directory, files, state, step=step, arch=arch, hyperparameters=config,
                 tokenizer={"kind": "hf", "vocab_size": arch["vocab_size"], "where": str(tok_files[0])} if tok_files else None,

@@ -47,12 +47,23 @@ def scan(root: str | Path, depth: int = 3) -> list[Row]:
 def _dirs(root: Path, depth: int) -> Iterator[Path]:
     yield root
     if depth > 0:
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                        and p.name not in SKIP_DIRS):
+        try:
+            subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                             and p.name not in SKIP_DIRS)
+        except OSError:  # unreadable: nothing to list there
+            return
+        for d in subdirs:
             yield from _dirs(d, depth - 1)
 
 
 def _rows_in(d: Path) -> list[Row]:
+    try:
+        return _rows(d)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a malformed config.json or meta_*.json
+        return [Row("?", "?", "?", None, None, 0, None, "unreadable", "", f"{d} ({type(e).__name__}: {e})")]
+
+
+def _rows(d: Path) -> list[Row]:
     if (d / "config.json").exists() and hf_weight_files(d):
         return [_hf_row(d)]
     rows = _lmpipe_rows(d) + [_nanochat_row(d, s) for s in nanochat_steps(d)]
@@ -102,13 +113,13 @@ def _hf_row(d: Path) -> Row:
 def _torch_row(p: Path) -> Row:
     try:
         v = open_view(p)
-    except UserError as e:
+    except Exception as e:  # one unreadable file must not stop the listing; verify and doctor explain it
         return Row("?", "?", "?", None, _mtime(p), p.stat().st_size, None, _problem_word(e), "", str(p))
     return Row(v.format, str(v.arch.get("type") or v.format), str(v.info.get("source") or p.stem), v.step, _mtime(p),
                p.stat().st_size, v.info.get("val_loss"), "-", str(v.info.get("run_id") or ""), str(p))
 
 
-def _problem_word(e: UserError) -> str:
+def _problem_word(e: Exception) -> str:
     from lmpipe.safeload import UnsafePickle
 
     return "unsafe" if isinstance(e, UnsafePickle) else "unreadable"

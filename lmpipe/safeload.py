@@ -14,7 +14,8 @@ from typing import Any
 
 from lmpipe.errors import UserError
 
-TRUST_HINT = "if you trust where the file came from, pass --trust-pickle"
+TRUST_HINT = ("if you trust where the file came from, the 'lmpipe ckpt' commands (inspect, verify, import) "
+              "load it with --trust-pickle")
 
 
 class UnsafePickle(UserError):
@@ -45,7 +46,7 @@ def torch_load(path: str | Path, trust_pickle: bool = False, mmap: bool = True, 
         if not trust_pickle:
             raise UnsafePickle(f"{path}: refused to load: the file needs arbitrary unpickling (it references "
                                f"{needs}), and unpickling can run code stored in it; {TRUST_HINT}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, IndexError) as e:
+    except Exception as e:  # torch raises many types on damaged files (RuntimeError, struct.error, ...)
         raise Unreadable(f"{path}: not a complete torch file ({reason(e)})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)

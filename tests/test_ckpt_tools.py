@@ -85,6 +85,14 @@ def test_verify_reports_each_problem(ckdir, capsys):
     assert "optimizer: optimizer exp_avg of parameter 0 has shape (3, 3)" in out
     code, _, _ = run(capsys, "ckpt", "verify", str(sorted(ckdir.glob("*step0020*"))[0]))
     assert code == 0
+    # weights that do not fit the hyperparameters the file declares (an edited file)
+    edited = lmpipe_payload(step=60)
+    edited["hyperparameters"]["model"]["n_embd"] = 16
+    entry = checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "edited", 60), edited)
+    code, out, _ = run(capsys, "ckpt", "verify", str(ckdir / entry["file"]))
+    assert code == 1 and "architecture: weights do not fit the architecture it declares" in out
+    code, out, _ = run(capsys, "ckpt", "doctor", str(ckdir / entry["file"]))
+    assert code == 4 and "the weights themselves say vocab_size=20, n_embd=8, block_size=16, n_layer=1" in out
 
 
 def test_diff_norms_and_shapes(ckdir, capsys):
@@ -128,6 +136,8 @@ def test_export_safetensors_roundtrip(ckdir, capsys):
     assert config["architecture"]["n_embd"] == 8 and config["step"] == 10
     tok = from_json((ckdir.parent / "exported" / "tokenizer.json").read_text())
     assert tok.decode(tok.encode("Dear Agnes")) == "Dear Agnes"
+    d = json.loads(run(capsys, "ckpt", "inspect", "exported", "--json")[1])
+    assert d["step"] == 10 and d["architecture"]["n_embd"] == 8 and d["total_params"] > 0
     code, _, err = run(capsys, "ckpt", "export", str(src), "--out", "exported")
     assert code == 2 and "already exists" in err
 

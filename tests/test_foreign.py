@@ -80,6 +80,7 @@ def test_doctor_not_found_names_the_nearest_step(project, capsys):
     (project / "empty").mkdir()
     code, out, _ = run(capsys, "ckpt", "doctor", "empty/nothing.pt")
     assert code == 4 and "ENABLE_CHECKPOINTS=true python3 training.py" in out
+    assert run(capsys, "ckpt", "doctor", "empty")[0] == 4  # an empty directory is not healthy
 
 
 def test_doctor_corrupted_optimizer_mismatch_and_tokenizer(project, capsys):
@@ -156,6 +157,8 @@ def test_malicious_pickles_never_run(project, capsys):
     assert run(capsys, "ckpt", "inspect", "ns.ckpt")[0] == 2
     code, out, _ = run(capsys, "ckpt", "inspect", "ns.ckpt", "--trust-pickle", "--json")
     assert code == 0 and json.loads(out)["hyperparameters"] == {"n_layer": 1, "lr": 0.1}
+    code, out, _ = run(capsys, "ckpt", "verify", "ns.ckpt", "--trust-pickle")
+    assert code == 1 and "unsafe: " in out and "checked further because of --trust-pickle" in out
 
 
 def test_sampling_never_emits_padded_vocabulary_ids():
