@@ -139,6 +139,11 @@ def cmd_resume(args) -> int:
     warmup = args.warmup if args.warmup is not None else (100 if args.no_optimizer else 0)
     resume = Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
     preflight_resume(resume, args.source, cfg.data.val_fraction, cfg.data.seed)  # before anything is written
+    if any(o.strip().startswith("model.") for o in args.overrides):  # an architecture asked for explicitly
+        from lmpipe.checkpoint import load_checkpoint
+        from lmpipe.training_run import check_architecture
+
+        check_architecture(load_checkpoint(path, mmap=True), cfg.model, path, "lmpipe resume")
     if args.source:
         cfg = replace(cfg, data=replace(cfg.data, source=args.source))
         stages.prepare(cfg)

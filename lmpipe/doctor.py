@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpipe.errors import joined
 from lmpipe.formats import View
 from lmpipe.inspection import Row, scan
 from lmpipe.integrity import Report, buildable_arch, check, shape_mismatches
@@ -249,15 +250,11 @@ def _size_mismatch(v: View, model_cfg: dict, forced: bool) -> list[Finding]:
             detail.append(f"{len(names)} tensor(s) {where}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
     if keys:
         detail.append(f"checkpoint has {', '.join(f'{k}={arch[k]}' for k in keys)}; you asked for "
-                      f"{_and([str(want[k]) for k in keys])}")
+                      f"{joined([str(want[k]) for k in keys])}")
     detail.append("lmpipe resume and generate build the model from the checkpoint's own hyperparameters")
     fix = "drop the -S model.* / MODEL_TYPE overrides, or match the checkpoint: " + \
         " ".join(f"-S model.{k}={arch[k]}" for k in keys if k != "vocab_size")
     return [Finding("fixable", "tensor size mismatch", detail, fix)]
-
-
-def _and(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _directory(d: Path, rows: list[Row]) -> Diagnosis:

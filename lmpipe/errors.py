@@ -14,3 +14,8 @@ class ConfigError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def joined(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c': lists inside error messages."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]

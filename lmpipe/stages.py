@@ -116,11 +116,13 @@ def _code_hash(module_file: str, fp: str) -> str:
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
     training_run.Resume) or the param train.resume ("latest" or a path) asks to resume."""
-    from lmpipe.checkpoint import resolve_checkpoint
-    from lmpipe.training_run import Resume, run_training
+    from lmpipe.checkpoint import load_checkpoint, resolve_checkpoint
+    from lmpipe.training_run import Resume, check_architecture, run_training
 
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
         resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
+        check_architecture(load_checkpoint(resume.checkpoint, mmap=True), cfg.model, resume.checkpoint,
+                           f"train.resume={cfg.train.resume}")
     info = run_training(cfg, entry, resume)
     _write_json(TRAIN_INFO, info)
     return info

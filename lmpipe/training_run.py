@@ -12,7 +12,7 @@ from lmpipe import checkpoint, data, tokenizer, tracking
 from lmpipe.checkpointing import Checkpointer, GracefulStop, TrainingStopped
 from lmpipe.config import Config, config_from_dict
 from lmpipe.device import pick_device
-from lmpipe.errors import UserError
+from lmpipe.errors import UserError, joined
 from lmpipe.training import Callbacks, TrainState, make_optimizer, train
 
 
@@ -95,6 +95,20 @@ def plan(ckpt: dict, resume: Resume):
         raise UserError(f"{resume.checkpoint}: already at step {step}, the run's planned total; "
                         "pass --steps N to train N more steps")
     return schedule
+
+
+def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
+    """A resume trains the checkpoint's own architecture: refuse a configuration that asks for another
+    one (it would be silently ignored, and recorded as if it had been trained)."""
+    saved = config_from_dict(ckpt["hyperparameters"]).model
+    keys = [k for k in asdict(saved) if getattr(saved, k) != getattr(model_cfg, k)]
+    if keys:
+        has = ", ".join(f"{k}={getattr(saved, k)}" for k in keys)
+        asked = joined([str(getattr(model_cfg, k)) for k in keys])
+        raise UserError(f"{how} resumes {path}: checkpoint has {has}; you asked for {asked}. Set "
+                        + " ".join(f"model.{k}={getattr(saved, k)}" for k in keys)
+                        + " to resume it, or train the new architecture from scratch (train.resume=''); "
+                        f"'lmpipe ckpt doctor {path} -S model.{keys[0]}={getattr(model_cfg, keys[0])}' lists the tensors")
 
 
 def preflight_resume(resume: Resume, new_source: str | None, val_fraction: float, seed: int) -> None:

@@ -173,3 +173,20 @@ def test_sampling_never_emits_padded_vocabulary_ids():
     out = sample(model, torch.zeros(1, 1, dtype=torch.long), 40, generator=gen, vocab_limit=25)
     assert int(out.max()) < 25
     assert int(sample(model, torch.zeros(1, 1, dtype=torch.long), 5, generator=gen)[:, 1:].min()) >= 25
+
+
+def test_resume_refuses_a_conflicting_architecture(project):
+    """train.resume (the DVC param) with other model.* values would train the checkpoint's architecture
+    while recording the new one: refused, with the values that match."""
+    from lmpipe import stages
+    from lmpipe.config import load_config
+    from lmpipe.errors import UserError
+
+    path = save_lmpipe(project / "checkpoints", 10)
+    cfg = load_config("params.yaml", ["train.resume=latest", "model.n_layer=2", "model.n_embd=16", "model.n_head=2"])
+    with pytest.raises(UserError) as e:
+        stages.train(cfg)
+    where = path.relative_to(project)
+    assert f"train.resume=latest resumes {where}: checkpoint has n_layer=1, n_embd=8; you asked for 2 and 16" in str(e.value)
+    assert "model.n_layer=1 model.n_embd=8" in str(e.value) and "lmpipe ckpt doctor" in str(e.value)
+    assert len(list((project / "checkpoints").glob("*.pt"))) == 1
