@@ -120,7 +120,7 @@ def cmd_list(args, cfg) -> int:
 
 def cmd_inspect(args, cfg) -> int:
     from lmpipe.formats import open_view
-    from lmpipe.inspection import describe
+    from lmpipe.inspection import describe, flatten
 
     d = describe(open_view(_resolve(args.path, cfg), args.trust_pickle))
     if args.json:
@@ -131,8 +131,6 @@ def cmd_inspect(args, cfg) -> int:
     out += ["", "=== Keys ===", "  " + ", ".join(map(str, d["keys"]))]
     out += ["", "=== Training state ===", f"  step: {d['step']}"] + [f"  {k}: {v}" for k, v in d["info"].items()]
     out += ["", "=== Architecture ==="] + [f"  {k}: {v}" for k, v in d["architecture"].items()]
-    from lmpipe.inspection import flatten
-
     out += ["", "=== Hyperparameters ==="] + [f"  {k}: {v}" for k, v in flatten(d["hyperparameters"]).items()]
     out += ["", "=== Model ==="] + [f"  {t['name']}: {tuple(t['shape'])} {t['dtype']} ({t['params']:,} params)"
                                     for t in d["tensors"]]
