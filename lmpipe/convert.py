@@ -50,7 +50,7 @@ def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = N
 def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_path: str, trust_pickle: bool) -> dict:
     from lmpipe import tokenizer as toks
     from lmpipe.config import ModelConfig, config_from_dict
-    from lmpipe.integrity import _is_mask_buffer
+    from lmpipe.integrity import is_mask_buffer
 
     args, config = v.hyperparameters["model_args"], v.hyperparameters["config"]
     if tokenizer_file:
@@ -69,7 +69,7 @@ def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_pa
     source = re.sub(r"[^a-z0-9]+", "_", str(config.get("dataset") or "nanogpt").lower()).strip("_") or "nanogpt"
     hp = config_from_dict({"model": {**model, "type": "gpt"}, "train": train, "data": {"source": source},
                            "tokenizer": {"kind": tok.kind}}).to_dict()
-    return {"model_state_dict": {k: t for k, t in v.state.items() if not _is_mask_buffer(k)},
+    return {"model_state_dict": {k: t for k, t in v.state.items() if not is_mask_buffer(k)},
             "hyperparameters": hp, "vocab_size": vocab, "block_size": int(args["block_size"]),
             "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "gpt", "source": source,
             "tokenizer": tok.to_json(), "metrics": {"val_loss": v.info.get("val_loss")},

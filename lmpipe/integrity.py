@@ -65,8 +65,8 @@ def check(path: str | Path, trust_pickle: bool = False) -> Report:
     except UserError as e:
         r.problems.append(Problem("load", str(e)))
         return r
-    for check_fn in (_completeness, _architecture, _nonfinite, _optimizer):
-        r.problems += check_fn(r.view)
+    misfit = _architecture(r.view)
+    r.problems += _completeness(r.view) + misfit + _nonfinite(r.view) + _optimizer(r.view, exact=not misfit)
     return r
 
 
@@ -94,12 +94,12 @@ def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, 
     from models import build_model
 
     expected = {k: tuple(t.shape) for k, t in build_model(arch).state_dict().items()}
-    have = {k: shape_of(state, k)[0] for k in state if not _is_mask_buffer(k)}
+    have = {k: shape_of(state, k)[0] for k in state if not is_mask_buffer(k)}
     reshaped = [(k, have[k], expected[k]) for k in have if k in expected and have[k] != expected[k]]
     return reshaped, sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
 
 
-def _is_mask_buffer(name: str) -> bool:
+def is_mask_buffer(name: str) -> bool:
     return name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")  # nanoGPT/HF causal masks
 
 
@@ -159,14 +159,14 @@ def _optimizer_tensors(opt: Any):
                 yield f"{'' if not isinstance(opt, list) else f'[{i}]'}param {idx} {key}", t
 
 
-def _optimizer(v: View) -> list[Problem]:
-    """lmpipe and nanoGPT order parameters the same way (matrices, then vectors): check each one.
-    Other formats: the count of parameters and the shapes of their state."""
+def _optimizer(v: View, exact: bool = True) -> list[Problem]:
+    """lmpipe and nanoGPT order parameters the same way (matrices, then vectors): check each one
+    (unless the weights already misfit the architecture). Other formats: the shapes of their state."""
     if not v.optimizer or v.format == "nanochat":  # nanochat shards state across ranks: shapes differ
         return []
     arch = buildable_arch(v)
     if arch is not None and v.format in ("lmpipe", "nanogpt") and isinstance(v.optimizer, dict):
-        return [] if _architecture(v) else _exact_optimizer_check(v, arch)
+        return _exact_optimizer_check(v, arch) if exact else []
     import torch
 
     shapes = {tuple(t.shape) for _, t in _float_tensors(v.state)}
