@@ -95,8 +95,9 @@ def save_nanochat(base: Path, tag: str = "d2", steps=(100, 200)) -> Path:
     return d
 
 
-def save_hf(d: Path, step: int | None = 300) -> Path:
-    """A GPT-2 style Hugging Face directory: config.json, model.safetensors, tokenizer.json."""
+def save_hf(d: Path, step: int | None = 300, weights: str = "model.safetensors") -> Path:
+    """A GPT-2 style Hugging Face directory: config.json, model.safetensors (or pytorch_model.bin),
+    tokenizer.json, and trainer_state.json as the Trainer writes it into checkpoint-N/."""
     from safetensors.torch import save_file
 
     d = Path(d)
@@ -105,7 +106,10 @@ def save_hf(d: Path, step: int | None = 300) -> Path:
     t = {"transformer.wte.weight": torch.randn(40, 8), "transformer.wpe.weight": torch.randn(16, 8),
          "transformer.ln_f.weight": torch.ones(8), "transformer.ln_f.bias": torch.zeros(8),
          "transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.h.0.attn.c_attn.bias": torch.zeros(24)}
-    save_file(t, str(d / "model.safetensors"))
+    if weights == "model.safetensors":
+        save_file(t, str(d / weights))
+    else:
+        torch.save(t, d / weights)
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 40, "n_positions": 16,
                                                "n_embd": 8, "n_layer": 1, "n_head": 2}))
     (d / "tokenizer.json").write_text("{}")

@@ -190,3 +190,14 @@ def test_resume_refuses_a_conflicting_architecture(project):
     assert f"train.resume=latest resumes {where}: checkpoint has n_layer=1, n_embd=8; you asked for 2 and 16" in str(e.value)
     assert "model.n_layer=1 model.n_embd=8" in str(e.value) and "lmpipe ckpt doctor" in str(e.value)
     assert len(list((project / "checkpoints").glob("*.pt"))) == 1
+
+
+def test_hugging_face_bin_and_safetensors_read_alike(project, capsys):
+    save_hf(project / "st")
+    save_hf(project / "bin", weights="pytorch_model.bin")
+    a = json.loads(run(capsys, "ckpt", "inspect", "st", "--json")[1])
+    b = json.loads(run(capsys, "ckpt", "inspect", "bin", "--json")[1])
+    assert sorted(map(str, a["tensors"])) == sorted(map(str, b["tensors"])) and a["total_params"] == 680
+    d = json.loads(run(capsys, "ckpt", "diff", "st", "bin", "--json")[1])
+    assert d["relative_change"] == 0 and not (d["added"] or d["removed"] or d["reshaped"])
+    assert run(capsys, "ckpt", "verify", "bin")[0] == 0
