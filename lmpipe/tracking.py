@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,32 @@ def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = 
             return mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
                                     tags={"lmpipe.parent_run_id": resume_run_id})
     return mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
+
+
+class MetricLog:
+    """Step metrics of one run, buffered and written in batches: every `every` seconds, and on flush()
+    (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's own async
+    logging would do the same, but each of its flushes waits up to 1 s on an idle queue."""
+
+    def __init__(self, run_id: str, every: float = 5.0):
+        from mlflow import MlflowClient
+
+        self.client, self.run_id, self.every = MlflowClient(), run_id, every
+        self.pending: list = []
+        self.last = time.monotonic()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), 1000):  # MLflow's limit per batch
+            self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
+        self.pending, self.last = [], time.monotonic()
 
 
 def ui_hint() -> str:

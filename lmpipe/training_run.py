@@ -155,6 +155,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
                          "lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
                          "lmpipe.source": meta["source"]})
         model_ids: dict[int, str] = {}
+        metric_log = tracking.MetricLog(run_id)
 
         def on_saved(path: Path, entry: dict) -> None:  # runs on the writer thread when async
             print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
@@ -183,7 +184,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         def save(step: int, state: TrainState, wait: bool = False) -> Path:
             # Metrics up to this step become durable with the checkpoint: after a kill, the resume
             # re-logs every later step, so the run's per-step history stays complete.
-            mlflow.flush_async_logging()
+            metric_log.flush()
             path = name(step)
             ckpts.save(path, payload(step, state), wait=wait)
             return path
@@ -203,10 +204,10 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         def on_eval(step: int, m: dict) -> None:
             # At a checkpoint, log_checkpoint logs val_loss linked to the checkpoint's logged model.
             if not (cfg.tracking.log_checkpoints and (should_save(step) or step == s.state.schedule.end)):
-                mlflow.log_metrics(m, step=step, synchronous=False)
+                metric_log.log(step, m)
 
         callbacks = Callbacks(
-            on_log=lambda step, m: mlflow.log_metrics(m, step=step, synchronous=False),
+            on_log=metric_log.log,
             on_eval=on_eval, should_save=should_save,
             on_save=lambda step, state: save(step, state),
             should_stop=lambda: stop.requested, on_stop=on_stop)
@@ -214,6 +215,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             state = train(model, optimizer, train_ids, val_ids, cfg.train, block, device, callbacks, s.state)
         finally:
             ckpts.wait()
+            metric_log.flush()
         if not ckpts.saved or checkpoint.parse_filename(ckpts.saved[-1])["step"] != state.step:
             raise UserError(f"training finished at step {state.step}, but its final checkpoint could not be "
                             f"written ({'; '.join(ckpts.failed[-1:]) or 'unknown error'}); free disk space and "
