@@ -42,10 +42,6 @@ class View:
     info: dict[str, Any] = field(default_factory=dict)  # source, val_loss, run_id, ...
     raw: Any = None
 
-    @property
-    def size(self) -> int:
-        return sum(f.stat().st_size for f in self.files if f.exists())
-
 
 def open_view(path: str | Path, trust_pickle: bool = False) -> View:
     """Detect the format of a file or directory and read it. UserError if it is none of them."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -127,7 +126,3 @@ def save_lightning(path: Path, hyper_parameters=None) -> Path:
                 "hparams_name": "kwargs", "hyper_parameters": hyper_parameters or {"n_layer": 1, "lr": 1e-3},
                 "loops": {}}, path)
     return path
-
-
-def model_args() -> dict:
-    return {**asdict(ModelConfig(**ARCH))}

@@ -100,11 +100,9 @@ def test_diff_norms_and_shapes(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "diff", str(a), str(a), "--json")
     d = json.loads(out)
     assert code == 0 and d["relative_change"] == 0 and d["identical"] == len(d["changes"])
-    other = lmpipe_payload(model=tiny_model(seed=5), step=20, arch={**ARCH, "n_embd": 16})
     checkpoint.save_checkpoint(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt",
                                lmpipe_payload(model=tiny_model({**ARCH, "n_embd": 16}, seed=5), step=20,
                                               arch={**ARCH, "n_embd": 16}))
-    del other
     d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt"),
                        "--json")[1])
     assert {"key": "model.n_embd", "a": 8, "b": 16} in d["hyperparameters"]
