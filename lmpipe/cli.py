@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Without --steps, training continues to the run's planned total, bit-exact "
                                    "with an uninterrupted run. --steps N trains N more steps, the cosine decay "
                                    "continuing from the checkpoint's LR down to train.min_lr at the new end; "
-                                   "--lr X restarts that decay from peak X.")
+                                   "--lr X restarts that decay from peak X. Without --source, training "
+                                   "continues on the checkpoint's own data (found by its recorded source and "
+                                   "checked against its fingerprint). A checkpoint without a training state "
+                                   "(imported with 'lmpipe ckpt import') resumes with --no-optimizer.")
     p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default): the newest "
                                                           "checkpoint in checkpoint.dir that verifies")
     p.add_argument("--step", type=int, default=None, help="with 'latest': that step, or the nearest earlier one")
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optimizer", action="store_true",
                    help="start a fresh optimizer (skip saved optimizer state) with an LR re-warmup")
     p.add_argument("--warmup", type=int, default=None, help="re-warmup steps (default with --no-optimizer: 100)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (steps, learning rate, data, optimizer) and the command that starts "
+                        "it; train nothing")
     _add_config_args(p)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -90,9 +96,14 @@ def guarded(fn) -> int:
 
 
 def _config(args):
-    from lmpipe.config import load_config
+    """The resolved configuration; a warning line for each setting given that does nothing."""
+    from lmpipe.checkpoint import warn
+    from lmpipe.config import inert_settings, load_config
 
-    return load_config(args.params, args.overrides)
+    cfg = load_config(args.params, args.overrides)
+    for line in inert_settings(cfg, args.overrides):
+        warn(line)
+    return cfg
 
 
 def cmd_config(args) -> int:
@@ -122,35 +133,82 @@ def cmd_stage(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from dataclasses import replace
+    import dataclasses
 
-    from lmpipe import stages
-    from lmpipe.checkpoint import resolve_checkpoint
-    from lmpipe.errors import UserError
-    from lmpipe.training_run import Resume, preflight_resume
+    from lmpipe import resuming, stages
+    from lmpipe.checkpoint import load_checkpoint, resolve_checkpoint
 
     cfg = _config(args)
-    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
-        if value is not None and value < (1 if flag == "--steps" else 0):
-            raise UserError(f"{flag} must be a positive integer, got {value}")
-    if args.lr is not None and not args.lr > 0:
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    _check_resume_flags(args)
     path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
-    warmup = args.warmup if args.warmup is not None else (100 if args.no_optimizer else 0)
-    resume = Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
-    preflight_resume(resume, args.source, cfg.data.val_fraction, cfg.data.seed)  # before anything is written
-    if any(o.strip().startswith("model.") for o in args.overrides):  # an architecture asked for explicitly
-        from lmpipe.checkpoint import load_checkpoint
-        from lmpipe.training_run import check_architecture
-
-        check_architecture(load_checkpoint(path, mmap=True), cfg.model, path, "lmpipe resume")
+    warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer else 0)
+    resume = resuming.Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
+    ckpt = load_checkpoint(path, mmap=True)
+    resuming.plan(ckpt, resume)  # everything is checked before anything is written
+    _warn_ignored_on_resume(args)
+    if any(key.startswith("model.") for key in _explicit(args)):  # an architecture asked for explicitly
+        resuming.check_architecture(ckpt, cfg.model, path, "lmpipe resume")
     if args.source:
-        cfg = replace(cfg, data=replace(cfg.data, source=args.source))
+        resuming.check_new_source(ckpt, args.source, cfg.data.val_fraction, cfg.data.seed)
+        choice = resuming.new_data(cfg, args.source)
+    else:
+        choice = resuming.own_data(ckpt, path)
+    if args.dry_run:
+        print(resuming.describe(ckpt, path, resume, choice))
+        print(f"start it with: {resume_command(path, args)}")
+        return 0
+    resuming.say(choice.note)
+    cfg = dataclasses.replace(cfg, data=choice.data)
+    if choice.prepare:
         stages.prepare(cfg)
     info = stages.train(cfg, entry="cli", resume=resume)
     print(f"resumed from {path}; trained to step {info['step']}; final checkpoint {info['checkpoint']}; "
           f"MLflow run {info['run_id']}")
     return 0
+
+
+def _check_resume_flags(args) -> None:
+    from lmpipe.errors import UserError
+
+    for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
+        if value is not None and value < (1 if flag == "--steps" else 0):
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
+
+
+def _explicit(args) -> dict[str, str]:
+    from lmpipe.config import explicit_settings
+
+    return explicit_settings(args.overrides)
+
+
+def _warn_ignored_on_resume(args) -> None:
+    """A resume trains with the checkpoint's own training, tokenizer and data settings: say so for
+    each one the user set, with the flag that does what they meant."""
+    from lmpipe.checkpoint import warn
+
+    instead = {"train": "--steps N / --lr X", "tokenizer": "nothing (the checkpoint's tokenizer is kept)",
+               "data": "--source PATH"}
+    for key, where in _explicit(args).items():
+        section = key.split(".", 1)[0]
+        if section in instead and key != "train.device" and not (section == "data" and args.source):
+            warn(f"{key} (from {where}) has no effect on a resume, which keeps the checkpoint's {section} "
+                 f"settings; use {instead[section]}")
+
+
+def resume_command(path: Path, args) -> str:
+    """The `lmpipe resume` command line that starts what --dry-run described."""
+    import shlex
+
+    parts = ["lmpipe", "resume", "--checkpoint", str(path)]
+    for flag, value in (("--steps", args.steps), ("--lr", args.lr), ("--source", args.source),
+                        ("--warmup", args.warmup)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--no-optimizer"] if args.no_optimizer else []
+    parts += [a for o in args.overrides for a in ("-S", o)]
+    return shlex.join(parts)
 
 
 def cmd_run(args) -> int:

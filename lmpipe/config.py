@@ -359,3 +359,47 @@ def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
         given = {k: v for k, v in (d.get(f.name) or {}).items() if k in known}
         sections[f.name] = type(f.default)(**{**asdict(f.default), **given})
     return Config(**sections)
+
+
+# --- settings that do nothing in a configuration -------------------------------------------------
+
+# Environment variables that belong to features of other configurations (not settings of their own).
+OTHER_ENV_VARS = {
+    "GPT2_MODEL_NAME": "it chooses the pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot train yet",
+}
+
+
+def _inert_reason(key: str, cfg: Config) -> str | None:
+    """Why `key` has no effect under `cfg`, or None when it has one."""
+    section, name = key.split(".", 1)
+    if key == "tokenizer.vocab_size" and cfg.tokenizer.kind != "bpe":
+        return f"tokenizer.kind is {cfg.tokenizer.kind}; it sizes the bpe tokenizer only"
+    if key == "tokenizer.gpt2_path" and cfg.tokenizer.kind != "gpt2":
+        return f"tokenizer.kind is {cfg.tokenizer.kind}; it locates the gpt2 tokenizer only"
+    if section == "model" and name not in ("type", "block_size") and cfg.model.type == "bigram":
+        return "model.type is bigram, a lookup table with no layers, heads or embeddings to size"
+    if key == "checkpoint.interval" and not cfg.checkpoint.enabled:
+        return "periodic checkpoints are off (checkpoint.enabled false; ENABLE_CHECKPOINTS=true turns them on)"
+    return None
+
+
+def explicit_settings(overrides=(), env=None) -> dict[str, str]:
+    """{key: where it was set} for the keys set on the command line or by an environment variable."""
+    env = os.environ if env is None else env
+    found = {k: f"environment variable {var}" for var, keys in ENV_VARS.items() if env.get(var, "") != ""
+             for k in keys}
+    for text in overrides:
+        key = ALIASES.get(text.partition("=")[0].strip(), text.partition("=")[0].strip())
+        found[key] = "-S"
+    return found
+
+
+def inert_settings(cfg: Config, overrides=(), env=None) -> list[str]:
+    """One warning line for each explicitly set variable or key that does nothing under `cfg`."""
+    env = os.environ if env is None else env
+    lines = [f"{var}={env[var]} has no effect: {why}" for var, why in OTHER_ENV_VARS.items() if env.get(var)]
+    for key, where in explicit_settings(overrides, env).items():
+        why = _inert_reason(key, cfg) if "." in key else None
+        if why:
+            lines.append(f"{key} (from {where}) has no effect: {why}")
+    return lines

@@ -18,6 +18,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+LOAD_CHECKPOINT_HELP = """usage: [VARIABLE=VALUE ...] python3 scripts/load_checkpoint.py   (or ./load_checkpoint.py)
+
+  CHECKPOINT_PATH=PATH|GLOB MODE=inference [PROMPT=...] [MAX_NEW_TOKENS=300] [SEED=N] [DEVICE=auto]
+      generate text (lmpipe generate); SEED draws a different sample (default: generate.seed)
+  CHECKPOINT_PATH=PATH|GLOB MODE=resume
+      show the checkpoint and the resume plan (from/to step, learning rate, data and its
+      fingerprint, optimizer state) and the command that starts it; trains nothing
+  CHECKPOINT_PATH=PATH|GLOB MODE=resume RESUME_TRAINING_STEPS=5000 RESUME_LEARNING_RATE=3e-4
+      resume training (lmpipe resume --steps --lr): setting either variable starts it; the other
+      takes the guide's default. TRAINING_DATA_SOURCE=PATH continues on new data.
+
+A glob picks its newest match. Without TRAINING_DATA_SOURCE a resume continues on the checkpoint's
+own data.
+"""
+
 
 def ensure_dependencies(script: str) -> None:
     """`python3 script.py` with a Python that lacks torch: re-run it with the project's .venv."""
@@ -31,6 +46,9 @@ def ensure_dependencies(script: str) -> None:
 
 
 def main(script: str) -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(LOAD_CHECKPOINT_HELP if script == "load_checkpoint" else (sys.modules["__main__"].__doc__ or "").strip())
+        return 0
     ensure_dependencies(sys.argv[0])
     from lmpipe.cli import guarded
 
@@ -65,8 +83,15 @@ def _env_number(name: str, default: str, kind: type):
     return value
 
 
+# The variables each mode reads; the other mode's are reported as having no effect.
+MODE_VARS = {"inference": ("PROMPT", "MAX_NEW_TOKENS", "SEED"),
+             "resume": ("RESUME_TRAINING_STEPS", "RESUME_LEARNING_RATE", "TRAINING_DATA_SOURCE")}
+
+
 def load_checkpoint(mode: str | None = None) -> int:
-    from lmpipe.checkpoint import resolve_checkpoint
+    """MODE=inference generates; MODE=resume shows the checkpoint and the resume plan, and trains
+    only when RESUME_TRAINING_STEPS or RESUME_LEARNING_RATE is set (training_resume.py always trains)."""
+    from lmpipe.checkpoint import resolve_checkpoint, warn
     from lmpipe.cli import main as lmpipe
     from lmpipe.config import load_config
     from lmpipe.errors import UserError
@@ -76,21 +101,58 @@ def load_checkpoint(mode: str | None = None) -> int:
         raise UserError("CHECKPOINT_PATH is not set; set it to a checkpoint file or glob, e.g. "
                         "CHECKPOINT_PATH=checkpoints/checkpoint_gpt_*_step2000_*.pt (list them with "
                         "'lmpipe ckpt list' or 'ls checkpoints/')")
+    script = os.path.relpath(sys.argv[0]) if sys.argv[0] else "scripts/load_checkpoint.py"
+    trains = mode == "resume"  # training_resume.py always trains
     mode = mode or os.environ.get("MODE", "") or "inference"
-    if mode not in ("inference", "resume"):
+    if mode not in MODE_VARS:
         raise UserError(f"MODE must be inference or resume, got {mode!r}")
+    for var in (v for m, names in MODE_VARS.items() if m != mode for v in names):
+        if os.environ.get(var):
+            warn(f"{var}={os.environ[var]} has no effect with MODE={mode}; it applies to "
+                 f"MODE={'resume' if mode == 'inference' else 'inference'}")
     cfg = load_config()
     path = resolve_checkpoint(spec, cfg.checkpoint.dir)
     if mode == "inference":
-        tokens = _env_number("MAX_NEW_TOKENS", "300", int)
         return lmpipe(["generate", "--checkpoint", str(path), "--prompt", os.environ.get("PROMPT", ""),
-                       "--max-new-tokens", str(tokens), "--device", os.environ.get("DEVICE", "") or "auto"])
+                       "--max-new-tokens", str(_env_number("MAX_NEW_TOKENS", "300", int)),
+                       "--seed", str(_env_seed(cfg.generate.seed)),
+                       "--device", os.environ.get("DEVICE", "") or "auto"])
+    return _resume(path, script, dry_run=not trains and not (
+        os.environ.get("RESUME_TRAINING_STEPS") or os.environ.get("RESUME_LEARNING_RATE")))
+
+
+def _resume(path: Path, script: str, dry_run: bool) -> int:
+    """The guide's resume: with neither RESUME_ variable set, only show what would happen."""
+    from lmpipe.cli import main as lmpipe
+
     steps = _env_number("RESUME_TRAINING_STEPS", "5000", int)
     lr = _env_number("RESUME_LEARNING_RATE", "3e-4", float)
     _describe(path)
     source = os.environ.get("TRAINING_DATA_SOURCE", "")
-    return lmpipe(["resume", "--checkpoint", str(path), "--steps", str(steps), "--lr", str(lr),
-                   *(["--source", source] if source else [])])
+    args = ["resume", "--checkpoint", str(path), "--steps", str(steps), "--lr", str(lr),
+            *(["--source", source] if source else [])]
+    if not dry_run:
+        return lmpipe(args)
+    code = lmpipe([*args, "--dry-run"])
+    if code == 0:
+        env = f"CHECKPOINT_PATH={path} MODE=resume RESUME_TRAINING_STEPS={steps} RESUME_LEARNING_RATE={lr}"
+        print(f"or, as the guide: {env}{' TRAINING_DATA_SOURCE=' + source if source else ''} "
+              f"python3 {script}\n(nothing was trained: MODE=resume trains only when RESUME_TRAINING_STEPS or "
+              "RESUME_LEARNING_RATE is set)")
+    return code
+
+
+def _env_seed(default: int) -> int:
+    """SEED: which sample to draw (any integer; the default is generate.seed)."""
+    from lmpipe.errors import UserError
+
+    raw = os.environ.get("SEED", "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"SEED must be an integer, got {raw!r}; unset it to use generate.seed ({default})") from None
 
 
 def _describe(path: Path) -> None:

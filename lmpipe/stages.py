@@ -115,14 +115,19 @@ def _code_hash(module_file: str, fp: str) -> str:
 
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
-    training_run.Resume) or the param train.resume ("latest" or a path) asks to resume."""
+    resuming.Resume) or the param train.resume ("latest" or a path) asks to resume."""
     from lmpipe.checkpoint import load_checkpoint, resolve_checkpoint
-    from lmpipe.training_run import Resume, check_architecture, run_training
+    from lmpipe.resuming import Resume, check_architecture, recorded_data, say
+    from lmpipe.training_run import run_training
 
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
         resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
-        check_architecture(load_checkpoint(resume.checkpoint, mmap=True), cfg.model, resume.checkpoint,
-                           f"train.resume={cfg.train.resume}")
+        ckpt = load_checkpoint(resume.checkpoint, mmap=True)
+        check_architecture(ckpt, cfg.model, resume.checkpoint, f"train.resume={cfg.train.resume}")
+        saved, fingerprint = recorded_data(ckpt)
+        if fingerprint and fingerprint != data.load_meta().get("fingerprint"):  # DVC tracks data.source
+            say(f"train.resume continues {resume.checkpoint} on data.source={cfg.data.source}, not on the data "
+                f"it was trained on ({saved.source}); the new checkpoints record the new source")
     info = run_training(cfg, entry, resume)
     _write_json(TRAIN_INFO, info)
     return info

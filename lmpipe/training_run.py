@@ -12,20 +12,9 @@ from lmpipe import checkpoint, data, tokenizer, tracking
 from lmpipe.checkpointing import Checkpointer, GracefulStop, TrainingStopped
 from lmpipe.config import Config, config_from_dict
 from lmpipe.device import pick_device
-from lmpipe.errors import UserError, joined
+from lmpipe.errors import UserError
+from lmpipe.resuming import Resume, has_train_state, plan, say
 from lmpipe.training import Callbacks, TrainState, make_optimizer, train
-
-
-@dataclass(frozen=True)
-class Resume:
-    """What `lmpipe resume` asks for. With no steps/lr/no_optimizer, training continues to the run's
-    planned total, bit-exact with the uninterrupted run."""
-    checkpoint: Path
-    steps: int | None = None  # train this many more steps past the checkpoint
-    lr: float | None = None  # restart the schedule from this peak
-    no_optimizer: bool = False  # fresh optimizer state, with a re-warmup of `warmup` steps
-    warmup: int = 0
-    total: int | None = None  # train to this step (params path: train.steps); None: the planned total
 
 
 @dataclass
@@ -71,59 +60,29 @@ def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
     if not resume.no_optimizer:
         checkpoint.check_optimizer_state(ckpt, optimizer, resume.checkpoint)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-    state = TrainState.from_dict(ckpt["train_state"])
+    state = _loop_state(ckpt, resume, cfg)
     state.schedule = schedule
     return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
 
 
-def plan(ckpt: dict, resume: Resume):
-    """The schedule a resume follows: the checkpoint's own (bit-exact continuation), or a new
-    segment from the checkpoint's step when steps, the LR or the optimizer change."""
-    if "train_state" not in ckpt:
-        raise UserError(f"{resume.checkpoint}: checkpoint has no training state (written by an older lmpipe); "
-                        "it can be used for inference, not resumed")
-    from lmpipe.schedule import Schedule
-
-    step, schedule = ckpt["train_state"]["step"], Schedule.from_dict(ckpt["train_state"]["schedule"])
-    more = resume.steps
-    if more is None and resume.total is not None and resume.total != schedule.end:
-        more = resume.total - step
-    if more is not None or resume.lr is not None or resume.no_optimizer:
-        more = more if more is not None else schedule.end - step
-        schedule = schedule.extended(step, more, lr=resume.lr, warmup=min(resume.warmup, max(more, 0)))
-    if step >= schedule.end:
-        raise UserError(f"{resume.checkpoint}: already at step {step}, the run's planned total; "
-                        "pass --steps N to train N more steps")
-    return schedule
+def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
+    """The saved loop state and RNGs; a checkpoint without one (imported) starts a fresh state at
+    its step, seeded from train.seed."""
+    if has_train_state(ckpt):
+        return TrainState.from_dict(ckpt["train_state"])
+    torch.manual_seed(cfg.train.seed)  # dropout draws from the global generator
+    say(f"{resume.checkpoint} has no training state: starting a fresh one at step {ckpt['step']}, with a new "
+        f"optimizer and a {resume.warmup}-step learning-rate re-warmup")
+    state = TrainState.fresh(cfg.train)
+    state.step = ckpt["step"]
+    return state
 
 
-def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
-    """A resume trains the checkpoint's own architecture: refuse a configuration that asks for another
-    one (it would be silently ignored, and recorded as if it had been trained)."""
-    saved = config_from_dict(ckpt["hyperparameters"]).model
-    keys = [k for k in asdict(saved) if getattr(saved, k) != getattr(model_cfg, k)]
-    if keys:
-        has = ", ".join(f"{k}={getattr(saved, k)}" for k in keys)
-        asked = joined([str(getattr(model_cfg, k)) for k in keys])
-        raise UserError(f"{how} resumes {path}: checkpoint has {has}; you asked for {asked}. Set "
-                        + " ".join(f"model.{k}={getattr(saved, k)}" for k in keys)
-                        + " to resume it, or train the new architecture from scratch (train.resume=''); "
-                        f"'lmpipe ckpt doctor {path} -S model.{keys[0]}={getattr(model_cfg, keys[0])}' lists the tensors")
-
-
-def preflight_resume(resume: Resume, new_source: str | None, val_fraction: float, seed: int) -> None:
-    """Check a resume before anything is written: the plan, and that the checkpoint's tokenizer can
-    encode new data (a char vocabulary lists the characters it lacks)."""
-    ckpt = checkpoint.load_checkpoint(resume.checkpoint, mmap=True)
-    plan(ckpt, resume)
-    if new_source:
-        corpus = data.split_corpus(new_source, val_fraction, seed, ckpt["block_size"] + 1)
-        tok = checkpoint.tokenizer_from_checkpoint(ckpt)
-        try:
-            tok.encode(corpus.text("train") + corpus.text("val"))
-        except UserError as e:
-            raise UserError(f"{new_source}: {e}".replace("rebuild the tokenizer on data that contains them",
-                                                         "train a new model on this data")) from None
+def data_record(cfg: Config, meta: dict) -> dict:
+    """The data section of a checkpoint's hyperparameters: the settings and the fingerprint of the
+    data this run really trained on (data/prepared), so a resume can find and check it again."""
+    return {**asdict(cfg.data), "source": meta.get("source_spec", cfg.data.source),
+            "fingerprint": meta.get("fingerprint")}
 
 
 def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
@@ -144,10 +103,11 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     with tracking.training_run(experiment_id, f"{cfg.model.type}-{meta['source']}", s.parent_run_id) as run, \
             GracefulStop() as stop:
         run_id = run.info.run_id
-        if resume:  # the run's params are immutable: record the resume as tags
-            mlflow.set_tags({f"lmpipe.resume.step{s.state.step}": str(resume.checkpoint),
-                             f"lmpipe.resume.step{s.state.step}.schedule": str(s.state.schedule.to_dict())})
-        else:
+        if resume:  # a continued run's params are immutable: record the resume as tags
+            at = f"lmpipe.resume.step{s.state.step}"
+            mlflow.set_tags({at: str(resume.checkpoint), f"{at}.schedule": str(s.state.schedule.to_dict()),
+                             f"{at}.data": f"{meta.get('source_spec')} ({meta.get('fingerprint')})"})
+        if not run.data.params:  # a new run (also when resuming an imported or foreign checkpoint)
             mlflow.log_params({**cfg.flat(), "vocab_size": tok.vocab_size, "n_params": n_params,
                                "device": device, "source_name": meta["source"]})
         mlflow.set_tags({**tracking.lineage_tags({"data.train": meta["train"], "data.val": meta["val"],
@@ -170,7 +130,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         def payload(step: int, state: TrainState) -> dict:
             return {
                 "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                "hyperparameters": cfg.to_dict(), "vocab_size": tok.vocab_size, "block_size": block,
+                "hyperparameters": {**cfg.to_dict(), "data": data_record(cfg, meta)}, "vocab_size": tok.vocab_size, "block_size": block,
                 "batch_size": cfg.train.batch_size, "step": step, "model_type": cfg.model.type,
                 "source": meta["source"], "tokenizer": tok.to_json(), "run_id": run_id,
                 "train_state": state.to_dict(),

@@ -1,7 +1,5 @@
 #!/usr/bin/env python3
-"""The seed guide's `python3 scripts/load_checkpoint.py`: CHECKPOINT_PATH with MODE=inference
-(`lmpipe generate`; PROMPT, MAX_NEW_TOKENS, DEVICE) or MODE=resume (`lmpipe resume`;
-RESUME_TRAINING_STEPS, RESUME_LEARNING_RATE). See lmpipe/seed.py."""
+"""The seed guide's `python3 scripts/load_checkpoint.py`; `--help` shows its variables (lmpipe/seed.py)."""
 import sys
 from pathlib import Path
 
