@@ -5,8 +5,9 @@
     python3 training_resume.py           → lmpipe resume --source $TRAINING_DATA_SOURCE
 
 Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob; the newest
-match), MODE, PROMPT (""), MAX_NEW_TOKENS (300), DEVICE (auto), RESUME_TRAINING_STEPS (5000),
-RESUME_LEARNING_RATE (3e-4), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE,
+match), MODE, PROMPT (""), MAX_NEW_TOKENS (300), SEED (generate.seed), DEVICE (auto),
+RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4; MODE=resume trains only when one of the two
+is set, else it shows the plan), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE,
 TRAINING_STEPS and TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
 """
 from __future__ import annotations
