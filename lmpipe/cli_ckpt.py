@@ -53,7 +53,8 @@ def add_parser(sub, add_config_args) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
-    p = action("import", "convert a nanoGPT ckpt.pt into an lmpipe gpt checkpoint that 'lmpipe generate' runs")
+    p = action("import", "convert a nanoGPT ckpt.pt or a nanochat model_XXXXXX.pt into an lmpipe checkpoint that "
+                           "'lmpipe generate' runs and 'lmpipe resume --no-optimizer' trains")
     p.add_argument("path")
     p.add_argument("--out", help="output directory (default: checkpoint.dir)")
     p.add_argument("--meta", help="nanoGPT's meta.pkl (default: beside the checkpoint, or data/<dataset>/)")

@@ -43,6 +43,7 @@ class ModelConfig:
     block_size: int = 64
     dropout: float = 0.0
     bias: bool = False
+    n_kv_head: int = 0  # nanochat only: key/value heads (0: one per query head)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.n_embd": POS_INT,
     "model.block_size": POS_INT,
     "model.dropout": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
+    "model.n_kv_head": NONNEG_INT,
     "train.steps": POS_INT,
     "train.batch_size": POS_INT,
     "train.lr": POS_FLOAT,
@@ -343,6 +345,9 @@ def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: lis
     bad = {p.split(" ", 1)[0] for p in problems}
     if not {"model.n_embd", "model.n_head"} & bad and m.n_embd % m.n_head:
         problems.append(f"model.n_embd must be divisible by model.n_head, got n_embd={m.n_embd}, n_head={m.n_head}")
+    if not {"model.n_head", "model.n_kv_head"} & bad and m.n_kv_head and m.n_head % m.n_kv_head:
+        problems.append(f"model.n_head must be divisible by model.n_kv_head, got n_head={m.n_head}, "
+                        f"n_kv_head={m.n_kv_head}")
     if not {"train.lr", "train.min_lr"} & bad and cfg.train.min_lr > cfg.train.lr:
         problems.append(f"train.min_lr must be <= train.lr, got min_lr={cfg.train.min_lr}, lr={cfg.train.lr}")
     return cfg
@@ -378,6 +383,10 @@ def _inert_reason(key: str, cfg: Config) -> str | None:
         return f"tokenizer.kind is {cfg.tokenizer.kind}; it locates the gpt2 tokenizer only"
     if section == "model" and name not in ("type", "block_size") and cfg.model.type == "bigram":
         return "model.type is bigram, a lookup table with no layers, heads or embeddings to size"
+    if key == "model.n_kv_head" and cfg.model.type != "nanochat":
+        return f"model.type is {cfg.model.type}; it sets nanochat's key/value heads only"
+    if key in ("model.dropout", "model.bias") and cfg.model.type == "nanochat":
+        return "model.type is nanochat, which has neither dropout nor biases"
     if key == "checkpoint.interval" and not cfg.checkpoint.enabled:
         return "periodic checkpoints are off (checkpoint.enabled false; ENABLE_CHECKPOINTS=true turns them on)"
     return None

@@ -1,7 +1,8 @@
 """Conversions between lmpipe checkpoints and other formats.
 
 import: a nanoGPT `ckpt.pt` (with its meta.pkl vocabulary, or GPT-2's tokenizer) becomes an lmpipe
-`gpt` checkpoint that `lmpipe generate` runs; so does an lmpipe-style file that lacks its tokenizer.
+`gpt` checkpoint that `lmpipe generate` runs; a nanochat step (model_/meta_ files plus its
+tokenizer.pkl) becomes a `nanochat` one; so does an lmpipe-style file that lacks its tokenizer.
 export: weights as safetensors plus config and tokenizer JSON, or a Hugging Face GPT-2 directory.
 Outputs are written to a temporary name and renamed into place: never half-written.
 """
@@ -35,12 +36,14 @@ def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = N
     v = open_view(src, trust_pickle)
     if v.format == "nanogpt":
         payload = _from_nanogpt(v, meta, tokenizer_file, gpt2_path, trust_pickle)
+    elif v.format == "nanochat":
+        payload = _from_nanochat(v, tokenizer_file)
     elif v.format == "lmpipe" and tokenizer_file:
         payload = _with_tokenizer(v, tokenizer_file)
     else:
         what = "an lmpipe checkpoint that lacks its tokenizer needs --tokenizer FILE" if v.format == "lmpipe" else \
             f"{v.format} checkpoints can be listed, inspected, verified and diagnosed, not imported"
-        raise UserError(f"{src}: lmpipe ckpt import converts nanoGPT checkpoints; {what}")
+        raise UserError(f"{src}: lmpipe ckpt import converts nanoGPT and nanochat checkpoints; {what}")
     model_from_checkpoint(payload)  # the weights must fit the model they claim to be, before writing
     out = Path(out_dir) / checkpoint_filename(payload["model_type"], payload["source"], payload["step"])
     save_checkpoint(out, payload)
@@ -74,6 +77,60 @@ def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_pa
             "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "gpt", "source": source,
             "tokenizer": tok.to_json(), "metrics": {"val_loss": v.info.get("val_loss")},
             "versions": _versions(), "imported_from": {"format": "nanogpt", "path": str(v.path)}}
+
+
+def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
+    """nanochat's model_/meta_ files → an lmpipe `nanochat` checkpoint; its tokenizer.pkl (a pickled
+    tiktoken Encoding) becomes lmpipe's `tiktoken` tokenizer, or --tokenizer gives one."""
+    from lmpipe.checkpoint import strip_prefixes
+    from lmpipe.config import config_from_dict
+
+    arch = {k: int(v.arch[k]) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
+            if v.arch.get(k) is not None}
+    tok = _nanochat_tokenizer(v, tokenizer_file)
+    vocab = int(v.arch.get("vocab_size") or 0)
+    if tok.vocab_size > vocab:
+        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only {vocab}; "
+                        "pass the tokenizer it was trained with (--tokenizer)")
+    source = re.sub(r"[^a-z0-9]+", "_", str(v.info.get("source") or "nanochat").lower()).strip("_") or "nanochat"
+    train = {"batch_size": v.raw.get("device_batch_size"), "steps": (v.raw.get("user_config") or {}).get("num_iterations")}
+    hp = config_from_dict({"model": {**arch, "type": "nanochat"}, "data": {"source": source},
+                           "train": {k: x for k, x in train.items() if isinstance(x, int) and x > 0},
+                           "tokenizer": {"kind": tok.kind}}).to_dict()
+    state = {k: t.float() for k, t in strip_prefixes(dict(v.state)).items()}  # nanochat keeps bfloat16
+    _refuse_unknown_tensors(v.path, state, {**hp["model"], "vocab_size": vocab})
+    return {"model_state_dict": state, "hyperparameters": hp, "vocab_size": vocab, "block_size": arch["block_size"],
+            "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "nanochat",
+            "source": source, "tokenizer": tok.to_json(), "metrics": {}, "versions": _versions(),
+            "imported_from": {"format": "nanochat", "path": str(v.path), "val_bpb": v.info.get("val_bpb")}}
+
+
+def _nanochat_tokenizer(v: View, tokenizer_file: str | None):
+    from lmpipe import tokenizer as toks
+    from lmpipe.formats import nanochat_base_dir
+    from lmpipe.safeload import tiktoken_state
+
+    if tokenizer_file:
+        return toks.load(tokenizer_file)
+    if v.tokenizer is None:
+        where = nanochat_base_dir(Path(v.path).parent) / "tokenizer"
+        raise UserError(f"{v.path}: nanochat's tokenizer.pkl is not in {where}; pass --tokenizer FILE, or copy "
+                        "the tokenizer/ directory that nanochat's scripts.tok_train wrote beside base_checkpoints/")
+    state = tiktoken_state(Path(v.tokenizer["where"]) / "tokenizer.pkl")
+    return toks.RankedBPE(dict(state["mergeable_ranks"]), state["pat_str"], dict(state.get("special_tokens") or {}))
+
+
+def _refuse_unknown_tensors(path: Path, state: dict, arch: dict) -> None:
+    """Later nanochat versions add tensors (value embeddings, per-layer scalars) that this
+    architecture lacks: refuse them instead of silently dropping weights."""
+    from models import build_model
+
+    expected = set(build_model(arch).state_dict())
+    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    if extra or missing:
+        what = f"tensors it does not have: {', '.join(extra[:4])}" if extra else f"no {', '.join(missing[:4])}"
+        raise UserError(f"{path}: this nanochat checkpoint has {what}; lmpipe builds the architecture of "
+                        "nanochat's first release (rotary, QK norm, ReLU², untied head), not this version's")
 
 
 def _with_tokenizer(v: View, tokenizer_file: str) -> dict:

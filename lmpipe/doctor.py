@@ -222,8 +222,9 @@ def _resumability(v: View) -> list[Finding]:
     if v.format != "lmpipe":
         return []
     if "train_state" not in v.keys:
-        return [Finding("note", "no training state", ["written by an older lmpipe or imported: it can generate, "
-                                                      "not be resumed"])]
+        return [Finding("note", "no training state", ["written by an older lmpipe or imported: it generates; "
+                                                      "training on starts a fresh state and optimizer"],
+                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100 --source YOUR_TEXT")]
     if v.optimizer is None:
         return [Finding("note", "no optimizer state", ["it can generate; resuming needs a fresh optimizer"],
                         f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]

@@ -75,6 +75,40 @@ def pickle_load(path: str | Path, trust_pickle: bool = False) -> Any:
             raise Unreadable(f"{path}: cannot be unpickled ({reason(e)})") from None
 
 
+class _EncodingState:
+    """Stands in for tiktoken.core.Encoding while unpickling: it only keeps the state it is given
+    (name, pat_str, mergeable_ranks, special_tokens), so nothing from the file is ever called."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _TiktokenOnly(_NoGlobals):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingState
+        return super().find_class(module, name)
+
+
+def tiktoken_state(path: str | Path) -> dict[str, Any]:
+    """The data of a pickled tiktoken Encoding (nanochat's tokenizer.pkl), read without tiktoken and
+    without running anything from the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            enc = _TiktokenOnly(f).load()
+    except pickle.UnpicklingError as e:
+        raise UnsafePickle(f"{path}: refused to load: expected a pickled tiktoken Encoding, but the pickle "
+                           f"references {_needed_global(e) or 'something else'}") from None
+    except Exception as e:
+        raise Unreadable(f"{path}: cannot be unpickled ({reason(e)})") from None
+    state = getattr(enc, "state", None)
+    if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks"} <= set(state):
+        raise Unreadable(f"{path}: not a pickled tiktoken Encoding with its merge ranks (a registered encoding "
+                         "pickled by name cannot be read offline)")
+    return state
+
+
 def _needed_global(e: BaseException) -> str | None:
     """The class or function a refused pickle names; None when the file is simply not a pickle."""
     m = re.search(r"GLOBAL\s+([\w.]+)|Unsupported class\s+([\w.]+)|global[:\s]+([\w.]+\.\w+)", str(e))

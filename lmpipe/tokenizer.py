@@ -3,6 +3,8 @@
 - char: the vocabulary (every character of the corpus) is stored in the file, so it rebuilds exactly.
 - bpe:  byte-level BPE trained on the train split with the `tokenizers` library.
 - gpt2: GPT-2's byte-level BPE, from a local model directory (or a hub name when online).
+- tiktoken: a tiktoken-style byte-level BPE (merge ranks + split pattern), as nanochat saves it;
+  only imported checkpoints carry one (`lmpipe ckpt import`).
 
 The saved form is one JSON document; checkpoints embed it, so inference needs no data/ directory.
 """
@@ -72,7 +74,57 @@ class HFTokenizer:
                            "tokenizer": json.loads(self.tok.to_str())})
 
 
-Tokenizer = CharTokenizer | HFTokenizer
+class RankedBPE:
+    """tiktoken's byte-level BPE from its data alone (no tiktoken needed): the text is split by the
+    pattern, and each piece's bytes are merged pairwise, lowest rank first. Special tokens decode but
+    are never produced by encode (tiktoken's encode_ordinary)."""
+    kind = "tiktoken"
+
+    def __init__(self, ranks: dict[bytes, int], pattern: str, special: dict[str, int]):
+        import regex
+
+        self.ranks, self.pattern, self.special = ranks, pattern, special
+        self.split = regex.compile(pattern)
+        self.by_id = {i: b for b, i in ranks.items()} | {i: s.encode() for s, i in special.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.by_id) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [i for piece in self.split.findall(text) for i in self._merge(piece.encode())]
+
+    def _merge(self, piece: bytes) -> list[int]:
+        if piece in self.ranks:
+            return [self.ranks[piece]]
+        parts = [piece[i:i + 1] for i in range(len(piece))]
+        while len(parts) > 1:
+            pairs = [(self.ranks.get(a + b, 1 << 62), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank == 1 << 62:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[p] for p in parts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.by_id[i] for i in ids).decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        import base64
+
+        return json.dumps({"format": FORMAT, "version": 1, "kind": self.kind, "pattern": self.pattern,
+                           "special": self.special,
+                           "ranks": {base64.b64encode(b).decode(): i for b, i in self.ranks.items()}})
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "RankedBPE":
+        import base64
+
+        return cls({base64.b64decode(b): int(i) for b, i in spec["ranks"].items()}, spec["pattern"],
+                   {str(k): int(v) for k, v in spec.get("special", {}).items()})
+
+
+Tokenizer = CharTokenizer | HFTokenizer | RankedBPE
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -153,6 +205,8 @@ def from_json(text: str) -> Tokenizer:
         from tokenizers import Tokenizer as HFTok
 
         return HFTokenizer(kind, HFTok.from_str(json.dumps(spec["tokenizer"])))
+    if kind == "tiktoken" and isinstance(spec.get("ranks"), dict) and isinstance(spec.get("pattern"), str):
+        return RankedBPE.from_spec(spec)
     raise UserError(f"tokenizer JSON of kind {kind!r} is incomplete or unknown; rebuild it with 'lmpipe stage tokenizer'")
 
 

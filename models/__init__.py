@@ -11,6 +11,7 @@ MODELS = {
     # key: (module, config class, model class); imported lazily so `import models` stays cheap.
     "bigram": ("models.bigram", "BigramConfig", "Bigram"),
     "gpt": ("models.gpt", "GPTConfig", "GPT"),
+    "nanochat": ("models.nanochat", "NanochatConfig", "Nanochat"),  # nanochat's GPT, for imported checkpoints
 }
 
 

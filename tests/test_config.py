@@ -46,7 +46,7 @@ def test_every_problem_is_reported_with_key_value_and_allowed(tmp_path):
     text = str(e.value)
     assert "train.steps must be a positive integer, got -5" in text
     assert "train.lr must be a number, got 'abc'" in text
-    assert "model.type must be one of bigram, gpt, got 'transformer'" in text
+    assert "model.type must be one of bigram, gpt, nanochat, got 'transformer'" in text
     assert "model.n_embd must be divisible by model.n_head" in text
     assert "unknown key 'train.nope'" in text
     assert "train.device must be one of auto, cpu, cuda, mps, got 'tpu' (from environment variable DEVICE)" in text

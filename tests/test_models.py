@@ -24,9 +24,12 @@ def test_every_model_builds_and_has_the_right_shapes(kind):
     assert out.shape == (3, 12) and int(out.max()) < 11
 
 
-def test_gpt_is_causal():
+@pytest.mark.parametrize("kind", ["gpt", "nanochat"])
+def test_transformers_are_causal(kind):
     torch.manual_seed(0)
-    model = build_model({"type": "gpt", **TINY, "dropout": 0.0}).eval()
+    model = build_model({"type": kind, **TINY, "dropout": 0.0}).eval()
+    for p in model.parameters():  # nanochat zero-inits its head and residual projections
+        torch.nn.init.normal_(p, std=0.5)
     a = torch.randint(0, 11, (1, 8))
     b = a.clone()
     b[0, 5:] = (b[0, 5:] + 1) % 11  # change only the future
@@ -35,12 +38,26 @@ def test_gpt_is_causal():
     assert torch.allclose(la[0, :5], lb[0, :5]) and not torch.allclose(la[0, 5:], lb[0, 5:])
 
 
-def test_gpt_rejects_sequences_longer_than_block_size():
-    model = build_model({"type": "gpt", **TINY})
+@pytest.mark.parametrize("kind", ["gpt", "nanochat"])
+def test_transformers_reject_sequences_longer_than_block_size(kind):
+    model = build_model({"type": kind, **TINY})
     with pytest.raises(ValueError, match="exceeds block_size 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
 def test_unknown_model_key():
-    with pytest.raises(ValueError, match="must be one of bigram, gpt"):
+    with pytest.raises(ValueError, match="must be one of bigram, gpt, nanochat"):
         build_model({"type": "rnn", **TINY})
+
+
+def test_nanochat_grouped_key_value_heads_and_rotary_positions():
+    torch.manual_seed(0)
+    model = build_model({"type": "nanochat", **TINY, "n_head": 4, "n_kv_head": 2}).eval()
+    assert model.transformer.h[0].attn.c_k.weight.shape == (4, 8)  # 2 kv heads × head_dim 2
+    assert "cos" not in model.state_dict()  # rotary tables are rebuilt, never saved (as in nanochat)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3]])
+    logits, _ = model(idx)
+    assert not torch.allclose(logits[0, 0], logits[0, 3])  # same token, other position: rotary sees it
+    assert logits.abs().max() <= 15.0  # soft-capped

@@ -179,3 +179,87 @@ def test_resume_names_settings_it_ignores(project, trained, capsys):
     assert main(["resume", "--checkpoint", str(trained), "--steps", "2", "--dry-run", "-S", "train.lr=0.5"]) == 0
     err = capsys.readouterr().err
     assert "train.lr (from -S) has no effect on a resume" in err and "--steps N / --lr X" in err
+
+
+def save_nanochat_with_tokenizer(base):
+    """nanochat's layout (base_checkpoints/<tag>/model_/meta_ files, tokenizer/tokenizer.pkl) with a
+    real model of its architecture and a tokenizer.pkl pickled as tiktoken pickles its Encoding."""
+    import pickle
+    import sys
+    import types
+
+    from models import build_model
+
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in (b"e ", b"th", b"the", b" t", b"De", b"Dea", b"ar", b"es"):
+        ranks[word] = len(ranks)
+    special = {"<|bos|>": len(ranks)}
+    pattern = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+    class Encoding:  # pickles like tiktoken.core.Encoding: its class by name, then __getstate__'s dict
+        __module__, __qualname__ = "tiktoken.core", "Encoding"
+
+        def __getstate__(self):
+            return {"name": "rustbpe", "pat_str": pattern, "mergeable_ranks": ranks, "special_tokens": special}
+
+    fake = types.ModuleType("tiktoken.core")
+    fake.Encoding = Encoding
+    package = types.ModuleType("tiktoken")
+    package.core = fake
+    sys.modules.update({"tiktoken": package, "tiktoken.core": fake})
+    try:
+        blob = pickle.dumps(Encoding())
+    finally:
+        del sys.modules["tiktoken"], sys.modules["tiktoken.core"]
+    (base / "tokenizer").mkdir(parents=True)
+    (base / "tokenizer" / "tokenizer.pkl").write_bytes(blob)
+    cfg = {"sequence_len": 16, "vocab_size": len(ranks) + 1, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 8}
+    torch.manual_seed(3)
+    model = build_model({"type": "nanochat", "vocab_size": cfg["vocab_size"], "block_size": 16, "n_layer": 2,
+                         "n_head": 2, "n_kv_head": 1, "n_embd": 8})
+    for p in model.parameters():  # nanochat zero-inits its head: give it something to say
+        torch.nn.init.normal_(p, std=0.3)
+    d = base / "base_checkpoints" / "d2"
+    d.mkdir(parents=True)
+    torch.save({k: t.to(torch.bfloat16) for k, t in model.state_dict().items()}, d / "model_000400.pt")
+    (d / "meta_000400.json").write_text(json.dumps({"step": 400, "val_bpb": 1.2, "model_config": cfg,
+                                                    "user_config": {"depth": 2}, "device_batch_size": 4}))
+    return d
+
+
+def test_imported_nanochat_checkpoint_generates_and_resumes(project, capsys):
+    d = save_nanochat_with_tokenizer(project / "nanochat")
+    assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 0
+    path = ckpts(project / "imported")[0]
+    assert path.name.startswith("checkpoint_nanochat_d2_step0400_")
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Dear Agnes, the", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("Dear Agnes, the")
+    ckpt = load(path)
+    from lmpipe.tokenizer import from_json
+
+    tok = from_json(ckpt["tokenizer"])
+    assert tok.decode(tok.encode("Dear Agnes, the hedge!")) == "Dear Agnes, the hedge!"
+    assert tok.encode("the") == [258] and len(tok.encode("Dear")) == 2  # merged by rank: "Dea" + "r"
+
+    assert main(["resume", "--checkpoint", str(path), "--steps", "3", "--no-optimizer", "--warmup", "1",
+                 "--source", "data/corpus.md", "-S", "checkpoint.dir=checkpoints", *NO_LOGGED_MODELS]) == 0
+    out = load(ckpts(project / "checkpoints", "checkpoint_nanochat_corpus_step0403_*.pt")[0])
+    assert out["hyperparameters"]["model"]["n_kv_head"] == 1 and out["train_state"]["step"] == 403
+    assert not torch.equal(out["model_state_dict"]["lm_head.weight"], ckpt["model_state_dict"]["lm_head.weight"])
+
+
+def test_nanochat_import_refuses_a_later_architecture_and_a_foreign_pickle(project, capsys):
+    d = save_nanochat_with_tokenizer(project / "nanochat")
+    state = torch.load(d / "model_000400.pt", weights_only=True)
+    torch.save({**state, "resid_lambdas": torch.ones(2)}, d / "model_000400.pt")
+    assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 2
+    err = capsys.readouterr().err
+    assert "has tensors it does not have: resid_lambdas" in err and not (project / "imported").exists()
+    import pickle
+
+    (project / "nanochat" / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(ValueError("x")))
+    torch.save(state, d / "model_000400.pt")
+    assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 2
+    assert "expected a pickled tiktoken Encoding, but the pickle references builtins.ValueError" in \
+        capsys.readouterr().err
