@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from lmpipe.config import load_config
@@ -42,3 +43,25 @@ def test_training_learns_and_is_deterministic():
     assert saved == [40, 80, 100]  # every interval, and always the final step
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
     assert s1.best_val_loss <= s1.last_val_loss
+
+
+def test_bigram_with_its_by_model_defaults_beats_the_uniform_guess(project):
+    """The repo's by_model.bigram defaults (the tiny project copies them): a short CPU run on the
+    tiny corpus ends well below ln(vocab), the loss of guessing every character uniformly."""
+    from lmpipe import data
+    from lmpipe.tokenizer import CharTokenizer
+    from lmpipe.training import TrainState, estimate_loss
+
+    cfg = load_config("params.yaml", ["model.type=bigram"], env={})
+    corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, 17)
+    tok = CharTokenizer(corpus.text("train") + corpus.text("val"))
+    train_ids, val_ids = (torch.tensor(tok.encode(corpus.text(s))) for s in ("train", "val"))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model({"type": "bigram", "vocab_size": tok.vocab_size})
+    block, uniform = cfg.model.block_size, math.log(tok.vocab_size)
+    start = estimate_loss(model, val_ids, block, 4, 2, 0, "cpu")
+    assert start == pytest.approx(uniform)  # zero init: exactly the uniform guess
+    state = train(model, make_optimizer(model, cfg.train), train_ids, val_ids, cfg.train, block,
+                  "cpu", state=TrainState.fresh(cfg.train))
+    assert state.step == cfg.train.steps <= 50
+    assert state.last_val_loss < uniform - 0.5, (state.last_val_loss, uniform)
