@@ -116,8 +116,8 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
                         "model.type=bigram", "by_model.bigram.train.steps=abc"], env={})
     assert e.value.problems == [
         f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt",
-        f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, batch_size, "
-        "lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_interval, "
+        f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
+        "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_interval, "
         "eval_batches, log_interval, seed, device, resume",
         f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
         "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "
@@ -138,4 +138,5 @@ def test_config_command_prints_the_resolved_values(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     repo = yaml.safe_load((REPO / "params.yaml").read_text())
     assert "by_model" not in printed
-    assert printed["train"]["lr"] == repo["by_model"]["bigram"]["train"]["lr"] != repo["train"]["lr"]
+    bigram_lr = repo["by_model"]["bigram"]["train"]["lr"]
+    assert printed["train"]["lr"] == bigram_lr != repo["train"]["lr"]
