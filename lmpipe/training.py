@@ -34,6 +34,7 @@ class TrainState:
     step: int = 0
     best_val_loss: float = float("inf")
     last_val_loss: float = float("nan")
+    last_val_step: int | None = None  # the step last_val_loss was measured at
     sampler: torch.Generator = field(default_factory=torch.Generator)  # draws the training batches
     history: list[dict] = field(default_factory=list)
 
@@ -50,6 +51,7 @@ class TrainState:
         py_state = random.getstate()
         return {
             "step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+            "last_val_step": self.last_val_step,
             "schedule": self.schedule.to_dict(), "sampler_rng": self.sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -72,7 +74,14 @@ class TrainState:
         name, keys, pos, has_gauss, cached = d["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), cached))
         return cls(Schedule.from_dict(d["schedule"]), step=d["step"], best_val_loss=d["best_val_loss"],
-                   last_val_loss=d["last_val_loss"], sampler=sampler)
+                   last_val_loss=d["last_val_loss"], sampler=sampler,
+                   last_val_step=d.get("last_val_step"))  # absent from older checkpoints' states
+
+    def metrics(self) -> dict:
+        """A checkpoint's validation metrics, with the step they come from: a save on a signal
+        comes between evaluations, so val_step can be earlier than the checkpoint's own step."""
+        return {"val_loss": self.last_val_loss, "best_val_loss": self.best_val_loss,
+                "val_step": self.last_val_step}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -159,7 +168,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         if saving or state.step % cfg.eval_interval == 0 or state.step == total:  # every checkpoint gets a val loss
             val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches,
                                 cfg.seed + 1, device)
-            state.last_val_loss = val
+            state.last_val_loss, state.last_val_step = val, state.step
             state.best_val_loss = min(state.best_val_loss, val)
             state.history.append({"step": state.step, "val_loss": val})
             progress.note(f"step {state.step}: val loss {val:.4f}")
