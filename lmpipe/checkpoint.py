@@ -76,6 +76,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
     return entry
 
 
+def current_val_loss(metrics: dict[str, Any], step: int | None) -> float | None:
+    """metrics["val_loss"] if it was measured at `step`, else None: a checkpoint saved on a signal
+    between evaluations carries the last evaluation's loss, with its step as val_step. Checkpoints
+    from before val_step was recorded keep their value."""
+    val_step = metrics.get("val_step")
+    return None if val_step is not None and val_step != step else metrics.get("val_loss")
+
+
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (v if v is not None and v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
 

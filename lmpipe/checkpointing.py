@@ -120,7 +120,11 @@ class Checkpointer:
         if c.keep_last <= 0:
             return []
         manifest = checkpoint.read_manifest(self.dir)
-        mine = sorted(((e["step"], self.dir / name, (e.get("metrics") or {}).get("val_loss"))
+        # keep_best ranks only val losses measured at the checkpoint's own step: an emergency save
+        # repeats an earlier evaluation's loss, and would otherwise be kept as "best" for weights
+        # that were never evaluated (and crowd out the checkpoint that earned the number).
+        mine = sorted(((e["step"], self.dir / name,
+                        checkpoint.current_val_loss(e.get("metrics") or {}, e["step"]))
                        for name, e in manifest.items() if e.get("run_id") == self.run_id
                        and (self.dir / name).exists()), key=lambda t: (t[0], t[1].stat().st_mtime))
         if not mine:

@@ -94,6 +94,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
+def val_loss_text(val_loss: float | None, val_step: int | None, step: int | None) -> str:
+    """A checkpoint's validation loss as list and inspect show it. One saved between evaluations
+    (on a signal) says when the last one was, instead of passing that loss off as current."""
+    if val_step is not None and val_step != step:
+        return f"— (last eval at step {val_step})"
+    return "" if val_loss is None else f"{val_loss:.4f}"
+
+
 def cmd_list(args, cfg) -> int:
     from lmpipe.inspection import filter_rows, scan
 
@@ -111,7 +119,7 @@ def cmd_list(args, cfg) -> int:
                                               "RUN ID", "FILE"]
     body = [([r.format] if mixed else []) + [
         r.model, r.source, "" if r.step is None else str(r.step), f"{r.time:%Y-%m-%d %H:%M:%S}" if r.time else "",
-        _size(r.size), "" if r.val_loss is None else f"{r.val_loss:.4f}", r.verified, r.run_id[:12],
+        _size(r.size), val_loss_text(r.val_loss, r.val_step, r.step), r.verified, r.run_id[:12],
         str(Path(r.path).relative_to(directory)) if Path(r.path).is_relative_to(directory) else r.path] for r in rows]
     print(_table(header, body))
     print(f"{len(rows)} checkpoint(s); VERIFIED ok = size matches the manifest; "
@@ -130,7 +138,8 @@ def cmd_inspect(args, cfg) -> int:
     out = [f"{d['path']}  ({d['format']}" + (f", format version {d['format_version']}" if d["format_version"] else "") + ")"]
     out += [f"  file {f['path']}  {_size(f['size'])}" for f in d["files"]]
     out += ["", "=== Keys ===", "  " + ", ".join(map(str, d["keys"]))]
-    out += ["", "=== Training state ===", f"  step: {d['step']}"] + [f"  {k}: {v}" for k, v in d["info"].items()]
+    out += ["", "=== Training state ===", f"  step: {d['step']}"]
+    out += _info_lines(d["info"], d["step"])
     out += ["", "=== Architecture ==="] + [f"  {k}: {v}" for k, v in d["architecture"].items()]
     out += ["", "=== Hyperparameters ==="] + [f"  {k}: {v}" for k, v in flatten(d["hyperparameters"]).items()]
     out += ["", "=== Model ==="] + [f"  {t['name']}: {tuple(t['shape'])} {t['dtype']} ({t['params']:,} params)"
@@ -145,6 +154,13 @@ def cmd_inspect(args, cfg) -> int:
     out += ["", "=== Versions ==="] + ([f"  {k}: {v}" for k, v in d["versions"].items()] or ["  not recorded"])
     print("\n".join(out))
     return 0
+
+
+def _info_lines(info: dict, step: int | None) -> list[str]:
+    shown = {k: v for k, v in info.items() if k != "val_step"}
+    if info.get("val_step") not in (None, step):  # an earlier evaluation's: say which
+        shown["val_loss"] = val_loss_text(None, info["val_step"], step)
+    return [f"  {k}: {v}" for k, v in shown.items()]
 
 
 def _targets(path: str, cfg) -> list[Path]:

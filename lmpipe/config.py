@@ -1,7 +1,8 @@
 """params.yaml → frozen, validated config objects; environment variables and `-S` overrides on top.
 
 Precedence, strongest first: CLI `-S section.key=value` (the syntax of `dvc exp run -S`), the seed
-guide's environment variables (ENV_VARS), then params.yaml, then the defaults below.
+guide's environment variables (ENV_VARS), params.yaml's `by_model` entry for the chosen model.type,
+params.yaml's sections, then the defaults below.
 """
 from __future__ import annotations
 
@@ -131,6 +132,13 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "DEVICE": ("train.device", "generate.device"),
 }
 
+
+Item = tuple[str, Any, str]  # (section.key, value, where it came from)
+
+# params.yaml's per-model defaults: by_model.<model.type>.<section>.<key>, applied over the general
+# sections when model.type matches (below the environment and -S), in these sections only.
+BY_MODEL = "by_model"
+PER_MODEL_SECTIONS = ("model", "train")
 
 # params.yaml keys that are not Python identifiers → the field that holds them
 ALIASES = {"checkpoint.async": "checkpoint.async_save"}
@@ -267,44 +275,137 @@ def load_config(
     """Build the validated Config. Collects every problem before raising one ConfigError."""
     env = os.environ if env is None else env
     problems: list[str] = []
+    params = _read_params(params_file, problems)
+    per_model = _by_model_items(params.pop(BY_MODEL, None), str(params_file), problems)
+    cli, cli_per_model = _override_items(overrides, problems)
+    per_model += cli_per_model
+    layers = [_params_items(params, str(params_file), problems), _env_items(env), cli]
+    model_type = _model_type(layers)
+    layers.insert(1, [item for t, item in per_model if t == model_type])  # weakest first
+
     raw: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
     origin: dict[str, str] = {}
-
-    def put(key: str, value: Any, where: str) -> None:
+    for key, value, where in (item for layer in layers for item in layer):
         key = ALIASES.get(key, key)
-        section, _, name = key.partition(".")
-        known = _sections()
-        if section not in known:
-            problems.append(f"{where}: unknown section {section!r}; known: {', '.join(known)}")
-        elif name not in known[section]:
-            problems.append(
-                f"{where}: unknown key {key!r}; keys in {section}: {', '.join(known[section])}")
-        else:
+        if _known_key(key, where, _sections(), problems):
+            section, _, name = key.partition(".")
             raw[section][name] = value
             origin[key] = where
+    cfg = _build(raw, origin, problems)
+    for t, (key, value, where) in per_model:  # the other model types' values: the same rules
+        if t != model_type:
+            section, _, name = key.partition(".")
+            _check(key, value, _sections()[section][name], where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
-    for section, values in _read_params(params_file, problems).items():
-        if not isinstance(values, dict):
-            problems.append(f"{params_file}: section {section!r} must be a mapping, got {values!r}")
-            continue
-        for name, value in values.items():
-            put(f"{section}.{name}", value, str(params_file))
-    for var, keys in ENV_VARS.items():
-        if env.get(var, "") != "":
-            for key in keys:
-                put(key, env[var], f"environment variable {var}")
+
+def _model_type(layers: list[list[Item]]) -> str:
+    """model.type as the strongest layer sets it: it picks the by_model entry that applies."""
+    for key, value, _ in reversed([item for layer in layers for item in layer]):
+        if key == "model.type":
+            return _coerce(value, "str")
+    return ModelConfig.type
+
+
+def _override_items(overrides, problems: list[str]) -> tuple[list[Item], list[tuple[str, Item]]]:
+    """-S section.key=value items, and -S by_model.TYPE.SECTION.KEY=value ones apart."""
+    items, per_model = [], []
     for text in overrides:
         try:
             key, value = parse_assignment(text)
         except ConfigError as e:
             problems.extend(e.problems)
             continue
-        put(key, value, "-S")  # raw text: each field's type decides how to read it
+        if key.startswith(BY_MODEL + "."):
+            per_model += _by_model_override(text, key, value, problems)
+        else:
+            items.append((key, value, "-S"))  # raw text: each field's type decides how to read it
+    return items, per_model
 
-    cfg = _build(raw, origin, problems)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+
+def _known_key(key: str, where: str, known: dict[str, dict[str, str]], problems: list[str],
+               prefix: str = "") -> bool:
+    """Is `key` (section.name) one of `known`? If not, say so, naming the keys that exist."""
+    section, _, name = key.partition(".")
+    if section not in known:
+        problems.append(f"{where}: unknown section {prefix + section!r}; known: {', '.join(known)}")
+    elif name not in known[section]:
+        problems.append(f"{where}: unknown key {prefix + key!r}; "
+                        f"keys in {prefix + section}: {', '.join(known[section])}")
+    else:
+        return True
+    return False
+
+
+def _params_items(params: dict[str, Any], where: str, problems: list[str]) -> list[Item]:
+    items = []
+    for section, values in params.items():
+        if not isinstance(values, dict):
+            problems.append(f"{where}: section {section!r} must be a mapping, got {values!r}")
+            continue
+        items += [(f"{section}.{name}", value, where) for name, value in values.items()]
+    return items
+
+
+def _env_items(env: dict[str, str]) -> list[Item]:
+    return [(key, env[var], f"environment variable {var}")
+            for var, keys in ENV_VARS.items() if env.get(var, "") != "" for key in keys]
+
+
+def _per_model_keys() -> dict[str, dict[str, str]]:
+    """What by_model may set: model and train keys, model.type aside. DVC tracks by_model as a
+    param of the train stage only, so another stage's setting there would change unnoticed."""
+    known = _sections()
+    return {s: {k: t for k, t in known[s].items() if (s, k) != ("model", "type")}
+            for s in PER_MODEL_SECTIONS}
+
+
+def _by_model_items(table: Any, where: str, problems: list[str]) -> list[tuple[str, Item]]:
+    """params.yaml's by_model → [(model type, (section.key, value, where))], each key checked."""
+    if table is None:
+        return []
+    if not isinstance(table, dict):
+        problems.append(f"{where}: {BY_MODEL} must be a mapping of model types, got {table!r}")
+        return []
+    items = []
+    for model_type, sections in table.items():
+        if not isinstance(sections, dict):
+            problems.append(f"{where}: {BY_MODEL}.{model_type} must be a mapping of sections, "
+                            f"got {sections!r}")
+            continue
+        for section, values in sections.items():
+            if not isinstance(values, dict):
+                problems.append(f"{where}: {BY_MODEL}.{model_type}.{section} must be a mapping, "
+                                f"got {values!r}")
+                continue
+            items += _by_model_item(str(model_type), section, values.items(), where, problems)
+    return items
+
+
+def _by_model_override(text: str, key: str, value: str,
+                       problems: list[str]) -> list[tuple[str, Item]]:
+    """-S by_model.TYPE.SECTION.KEY=value → the same items as params.yaml's by_model gives."""
+    parts = key.split(".")
+    if len(parts) != 4:
+        problems.append(f"override {text!r} must look like {BY_MODEL}.TYPE.SECTION.KEY=value "
+                        f"(e.g. {BY_MODEL}.bigram.train.lr=0.1)")
+        return []
+    return _by_model_item(parts[1], parts[2], [(parts[3], value)], "-S", problems)
+
+
+def _by_model_item(model_type: str, section: str, values, where: str,
+                   problems: list[str]) -> list[tuple[str, Item]]:
+    """One by_model.TYPE.SECTION mapping's (key, value) pairs as items; unknown names are problems."""
+    if model_type not in MODEL_TYPES:
+        problems.append(f"{where}: unknown model type {model_type!r} in {BY_MODEL}; "
+                        f"known: {', '.join(MODEL_TYPES)}")
+        return []
+    prefix = f"{BY_MODEL}.{model_type}."
+    return [(model_type, (f"{section}.{name}", value, f"{where} {prefix[:-1]}"))
+            for name, value in values
+            if _known_key(f"{section}.{name}", where, _per_model_keys(), problems, prefix)]
 
 
 def _read_params(params_file: str | Path | None, problems: list[str]) -> dict[str, Any]:
@@ -323,22 +424,33 @@ def _read_params(params_file: str | Path | None, problems: list[str]) -> dict[st
     return data
 
 
+_INVALID = object()  # a value that cannot be read as its field's type
+
+
+def _check(key: str, value: Any, typ: str, where: str, problems: list[str]) -> Any:
+    """`value` read as the field's type and checked against RULES; each problem is one line naming
+    the key, the value, where it came from and what is allowed. _INVALID if it cannot be read."""
+    try:
+        value = _coerce(value, typ)
+    except ValueError as e:
+        problems.append(f"{key} must be {e}, got {value!r} (from {where})")
+        return _INVALID
+    check = RULES.get(key)
+    if check and not check[0](value):
+        problems.append(f"{key} must be {check[1]}, got {value!r} (from {where})")
+    return value
+
+
 def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: list[str]) -> Config:
     sections = {}
     for f in fields(Config):
         values = {}
         for g in fields(f.default):  # type: ignore[arg-type]
             key = f"{f.name}.{g.name}"
-            value = raw[f.name].get(g.name, getattr(f.default, g.name))
-            try:
-                value = _coerce(value, str(g.type))
-            except ValueError as e:
-                problems.append(f"{key} must be {e}, got {value!r} (from {origin.get(key, 'defaults')})")
-                continue
-            check = RULES.get(key)
-            if check and not check[0](value):
-                problems.append(f"{key} must be {check[1]}, got {value!r} (from {origin.get(key, 'defaults')})")
-            values[g.name] = value
+            value = _check(key, raw[f.name].get(g.name, getattr(f.default, g.name)), str(g.type),
+                           origin.get(key, "defaults"), problems)
+            if value is not _INVALID:
+                values[g.name] = value
         sections[f.name] = type(f.default)(**{**asdict(f.default), **values})
     cfg = Config(**sections)
     m = cfg.model

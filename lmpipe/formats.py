@@ -134,15 +134,17 @@ def _float(v: Any) -> float | None:
 # --- readers ---------------------------------------------------------------------------------------
 
 def read_lmpipe(path: Path, obj: dict) -> View:
-    from lmpipe.checkpoint import parse_filename, read_manifest, strip_prefixes
+    from lmpipe.checkpoint import current_val_loss, parse_filename, read_manifest, strip_prefixes
 
     hp = obj.get("hyperparameters") or {}
     arch = {**(hp.get("model") or {}), "vocab_size": obj.get("vocab_size"), "block_size": obj.get("block_size")}
     arch["type"] = obj.get("model_type") or arch.get("type")
     entry = read_manifest(path.parent).get(path.name, {})
     named = parse_filename(path) or {}
+    metrics = obj.get("metrics") or {}
     info = {"source": obj.get("source") or named.get("source"), "run_id": obj.get("run_id") or entry.get("run_id"),
-            "val_loss": (obj.get("metrics") or {}).get("val_loss"), "time": named.get("time")}
+            "val_loss": current_val_loss(metrics, _int(obj.get("step"))),
+            "val_step": metrics.get("val_step"), "time": named.get("time")}
     return View("lmpipe", path, [path], strip_prefixes(obj["model_state_dict"]), step=_int(obj.get("step")),
                 arch=arch, hyperparameters=hp, tokenizer=_lmpipe_tokenizer(obj.get("tokenizer")),
                 optimizer=obj.get("optimizer_state_dict"), versions=obj.get("versions") or {}, keys=list(obj),

@@ -29,6 +29,7 @@ class Row:
     verified: str  # ok (size matches the manifest) | unverified | corrupt | - (no manifest: not checked)
     run_id: str
     path: str
+    val_step: int | None = None  # the step val_loss comes from; val_loss is None if that is earlier
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "time": self.time.isoformat(timespec="seconds") if self.time else None}
@@ -79,16 +80,18 @@ def _mtime(p: Path) -> datetime:
 
 
 def _lmpipe_rows(d: Path) -> list[Row]:
-    from lmpipe.checkpoint import parse_filename, read_manifest
+    from lmpipe.checkpoint import current_val_loss, parse_filename, read_manifest
 
     manifest = read_manifest(d) if (d / "manifest.json").exists() else {}
     rows = []
     for p in d.glob("checkpoint_*.pt"):
         named, entry, size = parse_filename(p) or {}, manifest.get(p.name), p.stat().st_size
         verified = "unverified" if entry is None else ("ok" if entry.get("size") == size else "corrupt")
-        rows.append(Row("lmpipe", named.get("model", "?"), named.get("source", "?"), named.get("step"),
-                        named.get("time") or _mtime(p), size, ((entry or {}).get("metrics") or {}).get("val_loss"),
-                        verified, (entry or {}).get("run_id") or "", str(p)))
+        metrics, step = (entry or {}).get("metrics") or {}, named.get("step")
+        rows.append(Row("lmpipe", named.get("model", "?"), named.get("source", "?"), step,
+                        named.get("time") or _mtime(p), size, current_val_loss(metrics, step),
+                        verified, (entry or {}).get("run_id") or "", str(p),
+                        metrics.get("val_step")))
     return rows
 
 
@@ -116,7 +119,8 @@ def _torch_row(p: Path) -> Row:
     except Exception as e:  # one unreadable file must not stop the listing; verify and doctor explain it
         return Row("?", "?", "?", None, _mtime(p), p.stat().st_size, None, _problem_word(e), "", str(p))
     return Row(v.format, str(v.arch.get("type") or v.format), str(v.info.get("source") or p.stem), v.step, _mtime(p),
-               p.stat().st_size, v.info.get("val_loss"), "-", str(v.info.get("run_id") or ""), str(p))
+               p.stat().st_size, v.info.get("val_loss"), "-", str(v.info.get("run_id") or ""),
+               str(p), v.info.get("val_step"))
 
 
 def _problem_word(e: Exception) -> str:
@@ -146,12 +150,19 @@ def describe(v: View) -> dict[str, Any]:
     return {
         "format": v.format, "path": str(v.path), "format_version": v.format_version,
         "files": [{"path": str(f), "size": f.stat().st_size} for f in v.files if f.exists()],
-        "keys": v.keys, "step": v.step, "info": {k: _plain(x) for k, x in v.info.items() if x is not None},
+        "keys": v.keys, "step": v.step, "info": _info(v.info),
         "architecture": {k: x for k, x in v.arch.items() if x is not None},
         "hyperparameters": _plain(v.hyperparameters), "tensors": tensors,
         "total_params": sum(t["params"] for t in tensors), "unique_params": unique,
         "optimizer": optimizer_summary(v.optimizer, v.format), "tokenizer": v.tokenizer, "versions": v.versions,
     }
+
+
+def _info(info: dict[str, Any]) -> dict[str, Any]:
+    """JSON-able, without empty values; a val_loss from an earlier step stays as null beside
+    val_step, so that a reader of the JSON sees it is not the checkpoint's own."""
+    return {k: _plain(x) for k, x in info.items()
+            if x is not None or (k == "val_loss" and info.get("val_step") is not None)}
 
 
 def _numel(shape) -> int:

@@ -34,6 +34,7 @@ class TrainState:
     step: int = 0
     best_val_loss: float = float("inf")
     last_val_loss: float = float("nan")
+    last_val_step: int | None = None  # the step last_val_loss was measured at
     sampler: torch.Generator = field(default_factory=torch.Generator)  # draws the training batches
     history: list[dict] = field(default_factory=list)
 
@@ -50,6 +51,7 @@ class TrainState:
         py_state = random.getstate()
         return {
             "step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+            "last_val_step": self.last_val_step,
             "schedule": self.schedule.to_dict(), "sampler_rng": self.sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -72,7 +74,14 @@ class TrainState:
         name, keys, pos, has_gauss, cached = d["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), cached))
         return cls(Schedule.from_dict(d["schedule"]), step=d["step"], best_val_loss=d["best_val_loss"],
-                   last_val_loss=d["last_val_loss"], sampler=sampler)
+                   last_val_loss=d["last_val_loss"], sampler=sampler,
+                   last_val_step=d.get("last_val_step"))  # absent from older checkpoints' states
+
+    def metrics(self) -> dict:
+        """A checkpoint's validation metrics, with the step they come from: a save on a signal
+        comes between evaluations, so val_step can be earlier than the checkpoint's own step."""
+        return {"val_loss": self.last_val_loss, "best_val_loss": self.best_val_loss,
+                "val_step": self.last_val_step}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -113,15 +122,17 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
           val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
-          callbacks: Callbacks | None = None, state: TrainState | None = None) -> TrainState:
-    """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final state."""
+          callbacks: Callbacks | None = None, state: TrainState | None = None,
+          clock: Callable[[], float] = time.monotonic) -> TrainState:
+    """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final state.
+    `clock` (seconds) times the progress lines: their ETA and heartbeat."""
     cb = callbacks or Callbacks()
     state = state or TrainState.fresh(cfg)
     total = state.schedule.end
-    progress = _Progress(state.step, total)
+    progress = _Progress(state.step, total, clock=clock)
     tokens_per_step = cfg.batch_size * block_size
     model.train()
-    window_losses: list[float] = []
+    window_loss, window_steps = 0.0, 0  # the steps since the last log line
     window_time = 0.0  # training time only: evaluation and saving do not count against tokens/s
     while state.step < total:
         t0 = time.perf_counter()
@@ -136,17 +147,18 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         state.step += 1
-        window_losses.append(loss.item())
+        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
         window_time += time.perf_counter() - t0
 
-        if state.step % cfg.log_interval == 0 or state.step == total:
-            metrics = {"train_loss": sum(window_losses) / len(window_losses), "lr": lr,
-                       "tokens_per_sec": tokens_per_step * len(window_losses) / max(window_time, 1e-9)}
+        logged = state.step % cfg.log_interval == 0 or state.step == total
+        metrics = {"train_loss": window_loss / window_steps, "lr": lr,
+                   "tokens_per_sec": tokens_per_step * window_steps / max(window_time, 1e-9)}
+        progress.update(state.step, metrics, logged, window_steps)
+        if logged:
             state.history.append({"step": state.step, **metrics})
-            progress.update(state.step, metrics)
             if cb.on_log:
                 cb.on_log(state.step, metrics)
-            window_losses, window_time = [], 0.0
+            window_loss, window_steps, window_time = 0.0, 0, 0.0
         if cb.should_stop():
             progress.close()
             if cb.on_stop:
@@ -156,7 +168,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         if saving or state.step % cfg.eval_interval == 0 or state.step == total:  # every checkpoint gets a val loss
             val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches,
                                 cfg.seed + 1, device)
-            state.last_val_loss = val
+            state.last_val_loss, state.last_val_step = val, state.step
             state.best_val_loss = min(state.best_val_loss, val)
             state.history.append({"step": state.step, "val_loss": val})
             progress.note(f"step {state.step}: val loss {val:.4f}")
@@ -168,32 +180,40 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
     return state
 
 
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (CI, pipes, DVC)."""
+HEARTBEAT_S = 10.0  # a progress line at least this often, so a slow log interval still shows life
 
-    def __init__(self, start: int, total: int):
-        self.total = total
-        self.start_time = time.perf_counter()
-        self.start = self.last_printed = start
-        self.every = max(1, (total - start) // 20)  # plain mode: about 20 lines per run
+
+class _Progress:
+    """Progress lines on stderr, terminal or not (CI, pipes, DVC): one per log interval, and one at
+    least every `heartbeat` seconds between them. A terminal also gets a live tqdm bar."""
+
+    def __init__(self, start: int, total: int, heartbeat: float = HEARTBEAT_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.start, self.total, self.heartbeat, self.clock = start, total, heartbeat, clock
+        self.start_time = self.last_line = clock()
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, m: dict) -> None:
+    def update(self, step: int, m: dict, logged: bool, steps: int) -> None:
+        """After every step. m: train_loss, lr, tokens_per_sec over the `steps` steps since the
+        last log line; `logged`: a log interval ends here. Between intervals a line is printed only
+        when the heartbeat is due, and its loss is the running mean so far."""
+        now = self.clock()
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['train_loss']:.4f}", tok_s=f"{m['tokens_per_sec']:,.0f}")
+            if logged:
+                self.bar.set_postfix(loss=f"{m['train_loss']:.4f}",
+                                     tok_s=f"{m['tokens_per_sec']:,.0f}", refresh=False)
+        if not logged and now - self.last_line < self.heartbeat:
             return
-        if step - self.last_printed < self.every and step != self.total:
-            return
-        self.last_printed = step
-        done = step - self.start
-        eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.total - step)
-        print(f"step {step}/{self.total} | loss {m['train_loss']:.4f} | lr {m['lr']:.2e} | "
-              f"{m['tokens_per_sec']:,.0f} tok/s | eta {eta:.0f}s", file=sys.stderr, flush=True)
+        self.last_line = now
+        eta = (now - self.start_time) / max(step - self.start, 1) * (self.total - step)
+        loss = f"{m['train_loss']:.4f}" + ("" if logged else f" (running mean of {steps} steps)")
+        self.note(f"step {step}/{self.total} | loss {loss} | lr {m['lr']:.2e} | "
+                  f"{m['tokens_per_sec']:,.0f} tok/s | eta {eta:.0f}s")
 
     def note(self, text: str) -> None:
         (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(text)

@@ -121,8 +121,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
             if cfg.tracking.log_checkpoints:
                 model_ids[entry["step"]] = tracking.log_checkpoint(
-                    run_id, experiment_id, path, entry["step"], cfg.flat(),
-                    {k: v for k, v in entry["metrics"].items() if k == "val_loss" and v is not None})
+                    run_id, experiment_id, path, entry["step"], cfg.flat(), logged_metrics(entry))
 
         ckpts = Checkpointer(ckpt_dir, cfg.checkpoint, run_id, on_saved=on_saved,
                              protect=(resume.checkpoint,) if resume else ())
@@ -134,7 +133,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
                 "batch_size": cfg.train.batch_size, "step": step, "model_type": cfg.model.type,
                 "source": meta["source"], "tokenizer": tok.to_json(), "run_id": run_id,
                 "train_state": state.to_dict(),
-                "metrics": {"val_loss": state.last_val_loss, "best_val_loss": state.best_val_loss},
+                "metrics": state.metrics(),
                 "versions": {"torch": str(torch.__version__), "lmpipe": _lmpipe_version()},
             }
 
@@ -187,6 +186,13 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         "source": meta["source"], "model_type": cfg.model.type, "final_val_loss": state.last_val_loss,
         "final_model_id": model_ids.get(state.step), "n_params": n_params,
     }
+
+
+def logged_metrics(entry: dict) -> dict[str, float]:
+    """The metrics a checkpoint's MLflow logged model gets: its val_loss, unless that was measured
+    at an earlier step (a save on a signal): MLflow ranks logged models by it as their own."""
+    val = checkpoint.current_val_loss(entry["metrics"], entry["step"])
+    return {} if val is None else {"val_loss": val}
 
 
 def _log_artifacts(state: TrainState) -> None:

@@ -64,6 +64,48 @@ def test_inspect_describes_everything(ckdir, capsys):
     assert "=== Optimizer ===" in out and "Total parameters:" in out and "tied weights counted once" in out
 
 
+def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(ckdir, capsys):
+    """A stop request (Ctrl+C) between evaluations: the loop saves without evaluating, so list and
+    inspect say when the last evaluation was instead of showing its loss as the checkpoint's."""
+    from lmpipe.config import load_config
+    from lmpipe.tokenizer import CharTokenizer
+    from lmpipe.training import Callbacks, TrainState, make_optimizer, train
+    from models import build_model
+
+    cfg = load_config(None, ["train.steps=40", "train.eval_interval=10", "train.batch_size=4",
+                             "train.eval_batches=2", "train.warmup_steps=2"], env={}).train
+    data = torch.tensor(CharTokenizer(CHARS).encode("Dear Agnes, my hedge is too tall.\n" * 9))
+    model = build_model({"type": "bigram", "vocab_size": len(CHARS), "block_size": 16})
+    opt, state = make_optimizer(model, cfg), TrainState.fresh(cfg)
+
+    def save(step, st):  # what training_run's save writes: weights, optimizer, state, st.metrics()
+        arch = {**ARCH, "type": "bigram"}
+        checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("bigram", "stopped", step), {
+            **lmpipe_payload(step=step, source="stopped", arch=arch), "metrics": st.metrics(),
+            "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+            "train_state": st.to_dict()})
+
+    train(model, opt, data, data, cfg, 16, "cpu", Callbacks(
+        should_save=lambda step: step == 10, on_save=save,
+        should_stop=lambda: state.step >= 17, on_stop=save), state)
+    val10 = next(h["val_loss"] for h in state.history if h.get("step") == 10 and "val_loss" in h)
+    assert (state.step, state.last_val_step) == (17, 10)
+
+    rows = json.loads(run(capsys, "ckpt", "list", "--source", "stopped", "--json")[1])
+    assert [(r["step"], r["val_loss"], r["val_step"]) for r in rows] == [
+        (10, pytest.approx(val10), 10), (17, None, 10)]
+    table = run(capsys, "ckpt", "list", "--source", "stopped")[1].splitlines()
+    assert f"{val10:.4f}" in table[1] and "— (last eval at step 10)" in table[2]
+    assert "1.9900" in run(capsys, "ckpt", "list", "--step", "10")[1]  # older: no val_step
+    stopped = str(sorted(ckdir.glob("*_stopped_step0017_*"))[0])
+    assert "  val_loss: — (last eval at step 10)\n" in run(capsys, "ckpt", "inspect", stopped)[1]
+    info = json.loads(run(capsys, "ckpt", "inspect", stopped, "--json")[1])["info"]
+    assert info["val_loss"] is None and info["val_step"] == 10
+    info = json.loads(run(capsys, "ckpt", "inspect", str(sorted(ckdir.glob("*_stopped_step0010_*"))[0]),
+                          "--json")[1])["info"]
+    assert info["val_loss"] == pytest.approx(val10) and info["val_step"] == 10
+
+
 def test_verify_reports_each_problem(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "verify", str(ckdir))
     assert code == 0 and out.count("ok    ") == 3

@@ -12,7 +12,10 @@ def test_repo_params_yaml_is_valid_and_every_model_key_is_registered():
     cfg = load_config(REPO / "params.yaml", env={})
     assert cfg.model.type in MODELS
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert set(raw) == set(Config().to_dict())  # every section is documented in params.yaml
+    assert set(raw) == set(Config().to_dict()) | {"by_model"}  # every section is in params.yaml
+    assert set(raw["by_model"]) <= set(MODELS)
+    for model_type in MODELS:
+        load_config(REPO / "params.yaml", [f"model.type={model_type}"], env={})
 
 
 def test_precedence_cli_over_env_over_params(tmp_path):
@@ -70,3 +73,70 @@ def test_round_trip_through_dict_tolerates_old_and_new_keys():
     back = config_from_dict(d)
     assert back.train.steps == 42 and back.model.bias is False
     assert cfg.flat()["train.steps"] == 42
+
+
+BY_MODEL_PARAMS = """
+model:
+  type: gpt
+train:
+  lr: 0.001
+  min_lr: 0.0001
+  steps: 10
+by_model:
+  bigram:
+    train:
+      lr: 0.1
+      min_lr: 0.01
+      steps: 50
+"""
+
+
+def test_by_model_defaults_sit_above_params_and_below_env_and_cli(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(BY_MODEL_PARAMS)
+    lr = lambda *over, **env: load_config(p, list(over), env=env).train.lr  # noqa: E731
+    assert lr() == 0.001  # gpt: the general sections
+    assert lr(MODEL_TYPE="bigram") == lr("model.type=bigram") == 0.1
+    assert lr("model.type=bigram", "train.lr=0.3") == 0.3  # -S beats by_model
+    assert lr("model.type=bigram", "by_model.bigram.train.lr=0.02") == 0.02  # -S edits the table
+    assert lr("by_model.bigram.train.lr=0.02") == 0.001  # ... which applies to bigram only
+    env = {"MODEL_TYPE": "bigram", "TRAINING_STEPS": "7"}
+    cfg = load_config(p, env=env)
+    assert (cfg.train.steps, cfg.train.min_lr) == (7, 0.01)  # the environment beats by_model too
+    p.write_text(BY_MODEL_PARAMS.replace("type: gpt", "type: bigram"))
+    assert lr() == 0.1 and lr("model.type=gpt") == 0.001
+
+
+def test_by_model_keys_and_values_are_validated(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(BY_MODEL_PARAMS + "  rnn:\n    train:\n      lr: 0.1\n"
+                 "  gpt:\n    train:\n      lr: -1\n      lrr: 1\n    data:\n      seed: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["by_model.bigram.model.type=gpt", "by_model.bigram.lr=1",
+                        "model.type=bigram", "by_model.bigram.train.steps=abc"], env={})
+    assert e.value.problems == [
+        f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt",
+        f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
+        "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_interval, "
+        "eval_batches, log_interval, seed, device, resume",
+        f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
+        "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "
+        "n_head, n_embd, block_size, dropout, bias",
+        "override 'by_model.bigram.lr=1' must look like by_model.TYPE.SECTION.KEY=value "
+        "(e.g. by_model.bigram.train.lr=0.1)",
+        "train.steps must be an integer, got 'abc' (from -S by_model.bigram)",
+        # another model type's values are checked too, before any run could pick them up
+        f"train.lr must be a positive number, got -1.0 (from {p} by_model.gpt)",
+    ]
+
+
+def test_config_command_prints_the_resolved_values(capsys):
+    from conftest import REPO
+    from lmpipe.cli import main
+
+    assert main(["config", "--params", str(REPO / "params.yaml"), "-S", "model.type=bigram"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    repo = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert "by_model" not in printed
+    bigram_lr = repo["by_model"]["bigram"]["train"]["lr"]
+    assert printed["train"]["lr"] == bigram_lr != repo["train"]["lr"]

@@ -124,6 +124,8 @@ def test_signal_saves_a_verified_checkpoint_and_says_how_to_resume(fault_project
     assert "Traceback" not in err and f"lmpipe resume --checkpoint {path}" in err
     assert checkpoint.verify_checkpoint(fault_project / path).ok
     assert checkpoint.load_checkpoint(fault_project / path)["step"] == step
+    row = next(ln for ln in run(fault_project, "ckpt", "list")[1].splitlines() if path.name in ln)
+    assert f"— (last eval at step {(step - 1) // 50 * 50})" in row  # saved without evaluating
     assert_clean(fault_project / "checkpoints")
     run(fault_project, "resume", "--checkpoint", str(path), "--steps", "5")
     assert checkpoint.parse_filename(checkpoint.latest_verified(fault_project / "checkpoints"))["step"] == step + 5

@@ -113,6 +113,7 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     assert "Data and pipelines are up to date" in sh(str(BIN / "dvc"), "repro")
     lock = (repo / "dvc.lock").read_text()
     assert file_md5(repo / "data/prepared/train.txt") in lock
+    assert "by_model:" in lock  # the per-model defaults are a tracked param of the train stage
     metrics = sh(str(BIN / "dvc"), "metrics", "show", "--json")
     assert "bits_per_byte" in metrics
 

@@ -45,7 +45,7 @@ def _payload(model, opt, state, cfg):
     return {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
             "hyperparameters": hp, "vocab_size": 11, "block_size": 8, "batch_size": 4,
             "step": state.step, "tokenizer": "{}", "train_state": state.to_dict(), "run_id": "r",
-            "metrics": {"val_loss": state.last_val_loss}}
+            "metrics": state.metrics()}
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -128,6 +128,37 @@ def test_retention_keeps_last_best_milestones_and_protected(tmp_path):
     # protected 10, best 20, milestone 40, last two 60 and 70; the other run's step 5 is untouched
     assert left == [5, 10, 20, 40, 60, 70]
     assert set(checkpoint.read_manifest(tmp_path)) == {p.name for p in tmp_path.glob("*.pt")}
+
+
+def test_keep_best_ranks_only_val_losses_measured_at_the_checkpoint_step(tmp_path):
+    """A save on a signal carries the last evaluation's loss (val_step earlier than its step): it
+    must not be kept as "best" for weights that were never evaluated."""
+    cfg = _cfg(**{"checkpoint.keep_last": 1, "checkpoint.keep_best": 1, "checkpoint.async": "false"})
+    model = _model("bigram")
+    opt = make_optimizer(model, cfg.train)
+    ck = Checkpointer(tmp_path, cfg.checkpoint, "r")
+    for step, loss, val_step in [(10, 2.0, 10), (25, 1.0, 20), (30, 3.0, 30), (40, 2.5, 40)]:
+        state = TrainState.fresh(cfg.train)
+        state.step, state.last_val_loss, state.last_val_step = step, loss, val_step
+        ck.save(tmp_path / f"checkpoint_bigram_x_step{step:04d}_01012026_000000.pt",
+                _payload(model, opt, state, cfg))
+    left = sorted(int(p.name.split("_step")[1][:4]) for p in tmp_path.glob("*.pt"))
+    assert left == [10, 40]  # the best measured (10) and the last; not the stale 1.0 at step 25
+
+
+def test_val_step_travels_with_the_training_state_and_older_states_load():
+    from lmpipe.training_run import logged_metrics
+
+    state = TrainState.fresh(_cfg().train)
+    state.step, state.last_val_loss, state.last_val_step = 25, 1.0, 20
+    assert TrainState.from_dict(state.to_dict()).last_val_step == 20
+    older = {k: v for k, v in state.to_dict().items() if k != "last_val_step"}
+    assert TrainState.from_dict(older).last_val_step is None
+    # MLflow's logged model for a checkpoint gets a val_loss only when it is that step's own
+    assert logged_metrics({"step": 25, "metrics": state.metrics()}) == {}
+    assert logged_metrics({"step": 20, "metrics": state.metrics()}) == {"val_loss": 1.0}
+    assert logged_metrics({"step": 25, "metrics": {"val_loss": 1.0}}) == {"val_loss": 1.0}  # older
+    assert logged_metrics({"step": 5, "metrics": {"val_loss": None, "val_step": None}}) == {}
 
 
 def test_corrupt_newest_is_reported_skipped_and_kept(tmp_path, capsys):
