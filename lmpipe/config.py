@@ -489,6 +489,8 @@ OTHER_ENV_VARS = {
 def _inert_reason(key: str, cfg: Config) -> str | None:
     """Why `key` has no effect under `cfg`, or None when it has one."""
     section, name = key.split(".", 1)
+    if section == BY_MODEL and name.split(".", 1)[0] != cfg.model.type:
+        return f"model.type is {cfg.model.type}; it applies when model.type is {name.split('.', 1)[0]}"
     if key == "tokenizer.vocab_size" and cfg.tokenizer.kind != "bpe":
         return f"tokenizer.kind is {cfg.tokenizer.kind}; it sizes the bpe tokenizer only"
     if key == "tokenizer.gpt2_path" and cfg.tokenizer.kind != "gpt2":

@@ -115,13 +115,13 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
         load_config(p, ["by_model.bigram.model.type=gpt", "by_model.bigram.lr=1",
                         "model.type=bigram", "by_model.bigram.train.steps=abc"], env={})
     assert e.value.problems == [
-        f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt",
+        f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat",
         f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
         "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_interval, "
         "eval_batches, log_interval, seed, device, resume",
         f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
         "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "
-        "n_head, n_embd, block_size, dropout, bias",
+        "n_head, n_embd, block_size, dropout, bias, n_kv_head",
         "override 'by_model.bigram.lr=1' must look like by_model.TYPE.SECTION.KEY=value "
         "(e.g. by_model.bigram.train.lr=0.1)",
         "train.steps must be an integer, got 'abc' (from -S by_model.bigram)",

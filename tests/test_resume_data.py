@@ -263,3 +263,12 @@ def test_nanochat_import_refuses_a_later_architecture_and_a_foreign_pickle(proje
     assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 2
     assert "expected a pickled tiktoken Encoding, but the pickle references builtins.ValueError" in \
         capsys.readouterr().err
+
+
+def test_a_per_model_default_for_another_model_type_is_named():
+    overrides = ["by_model.bigram.train.lr=0.2"]
+    lines = inert_settings(load_config(None, overrides, env={}), overrides, env={})
+    assert lines == ["by_model.bigram.train.lr (from -S) has no effect: model.type is gpt; it applies when "
+                     "model.type is bigram"]
+    assert inert_settings(load_config(None, [*overrides, "model.type=bigram"], env={}),
+                          [*overrides, "model.type=bigram"], env={}) == []
