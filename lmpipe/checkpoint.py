@@ -6,9 +6,9 @@ A checkpoint is data, not objects: state_dicts plus JSON-able metadata, loadable
 optimizer_state_dict, hyperparameters, vocab_size, block_size, batch_size, step) plus the
 tokenizer JSON (inference needs no data/ directory), the full training state and a format version.
 
-Each directory has a manifest.json recording every checkpoint's sha256, size, step, metrics and run
-id. A save writes a temporary file, fsyncs it, records it in the manifest, then renames it into
-place: every file under a checkpoint's name is complete and has a manifest entry.
+Each directory has a manifest, .manifest.json, recording every checkpoint's sha256, size, step,
+metrics and run id. A save writes a temporary file, fsyncs it, records it in the manifest, then
+renames it into place: every file under a checkpoint's name is complete and has a manifest entry.
 """
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ from lmpipe.fileio import (SaveAbandoned, atomic_path, atomic_write_text, file_s
                            write_error)
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
-MANIFEST = "manifest.json"
+# Hidden, so that the seed guide's `ls checkpoints/ | sort | tail -1` gives a checkpoint.
+MANIFEST = ".manifest.json"
+OLD_MANIFEST = "manifest.json"  # earlier versions' name: still read, replaced at the next write
+MANIFEST_FORMAT = "lmpipe-checkpoint-manifest"
 REQUIRED_KEYS = ("model_state_dict", "hyperparameters", "vocab_size", "block_size", "step", "tokenizer")
 NAME_RE = re.compile(r"^checkpoint_(?P<model>[a-z0-9]+)_(?P<source>.+)_step(?P<step>\d+)_(?P<time>\d{8}_\d{6})\.pt$")
 _COMPILE_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel wrappers
@@ -82,9 +85,16 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
 
 # --- manifest ----------------------------------------------------------------------------------
 
+def manifest_path(directory: str | Path) -> Path:
+    """The directory's manifest: .manifest.json, or an earlier version's manifest.json if that is
+    all there is."""
+    new, old = Path(directory) / MANIFEST, Path(directory) / OLD_MANIFEST
+    return old if old.exists() and not new.exists() else new
+
+
 def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
     """{file name: {sha256, size, step, run_id, metrics, created}}; {} if there is none."""
-    path = Path(directory) / MANIFEST
+    path = manifest_path(directory)
     if not path.exists():
         return {}
     try:
@@ -98,7 +108,44 @@ def _update_manifest(directory: Path, change) -> None:
     entries = read_manifest(directory)
     change(entries)
     atomic_write_text(directory / MANIFEST, json.dumps(
-        {"format": "lmpipe-checkpoint-manifest", "version": 1, "checkpoints": entries}, indent=1) + "\n")
+        {"format": MANIFEST_FORMAT, "version": 1, "checkpoints": entries}, indent=1) + "\n")
+    old = directory / OLD_MANIFEST
+    if _json_format(old) == MANIFEST_FORMAT:  # migrated: its entries are in the new one now
+        old.unlink(missing_ok=True)
+
+
+def _json_format(path: Path) -> str | None:
+    """The "format" field of a JSON file of reasonable size; None for anything else."""
+    try:
+        if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def is_manifest(path: str | Path) -> bool:
+    """lmpipe's manifest under either name, or any JSON file that says it is one."""
+    path = Path(path)
+    return path.name in (MANIFEST, OLD_MANIFEST) or _json_format(path) == MANIFEST_FORMAT
+
+
+def refuse_manifest(path: str | Path,
+                    instead: str = "pass one of them, e.g. {example}, or 'latest'") -> None:
+    """A manifest passed where a checkpoint belongs (`ls checkpoints/ | sort | tail -1` gave one
+    before it was hidden) is a UserError saying what it is and what to pass: `instead`, in which
+    {example} is the newest checkpoint beside it and {directory} its directory."""
+    path = Path(path)
+    if not is_manifest(path):
+        return
+    directory, found = path.parent, list_checkpoints(path.parent)
+    what = (f"{path} is lmpipe's checkpoint manifest (the integrity record of the checkpoints in "
+            f"{directory}/), not a checkpoint")
+    if not found:
+        raise UserError(f"{what}; there are no checkpoints in {directory}/ yet: train with "
+                        "ENABLE_CHECKPOINTS=true (or: lmpipe run)")
+    raise UserError(f"{what}; " + instead.format(example=found[-1], directory=directory))
 
 
 def delete_checkpoint(path: Path) -> None:
@@ -143,7 +190,7 @@ def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
     entry = read_manifest(path.parent).get(path.name)
     if entry is None:
         if not deep:
-            return Verification("unverified", f"{path.name} has no entry in {path.parent / MANIFEST}")
+            return Verification("unverified", f"{path.name} has no entry in {manifest_path(path.parent)}")
         try:
             load_checkpoint(path)
         except UserError as e:
@@ -170,6 +217,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     from lmpipe.safeload import Unreadable, torch_load
 
     path = Path(path)
+    refuse_manifest(path)
     if not path.is_file():
         raise UserError(f"Checkpoint not found: {path}; check the path, list checkpoints with "
                         f"'lmpipe ckpt list {path.parent}' (or 'ls {path.parent}/'), "
@@ -245,12 +293,14 @@ def resolve_checkpoint(spec: str, directory: str | Path, step: int | None = None
     a glob → its newest match; else the path."""
     if spec == "latest":
         return resolve_step(directory, step) if step is not None else latest_verified(directory)
+    path = Path(os.path.expanduser(spec))
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(os.path.expanduser(spec)), key=lambda p: Path(p).stat().st_mtime)
         if not matches:
             raise UserError(f"Checkpoint not found: nothing matches {spec!r}; list checkpoints with 'ls {directory}/'")
-        return Path(matches[-1])
-    return Path(spec)
+        path = Path(matches[-1])
+    refuse_manifest(path)
+    return path
 
 
 def check_optimizer_state(ckpt: dict[str, Any], optimizer, path: str | Path) -> None:

@@ -52,13 +52,17 @@ class Diagnosis:
 def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = False,
              trust_pickle: bool = False) -> list[Diagnosis]:
     """One Diagnosis per checkpoint at `path` (a file, a glob, or a directory of checkpoints).
-    model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly."""
+    model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly.
+    A manifest passed as a checkpoint is a UserError (bad usage), not a corrupted checkpoint."""
+    from lmpipe.checkpoint import refuse_manifest
+
     target = Path(os.path.expanduser(path))
     if any(c in path for c in "*?["):
         matches = sorted(glob.glob(str(target)), key=os.path.getmtime)
         if not matches:
             return [not_found(target)]
         target = Path(matches[-1])
+    refuse_manifest(target, "pass one of them, e.g. {example}, or the directory to diagnose all")
     if not target.exists():
         return [not_found(target)]
     if target.is_dir() and not _is_single(target):
