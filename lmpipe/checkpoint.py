@@ -9,6 +9,7 @@ tokenizer JSON (inference needs no data/ directory), the full training state and
 Each directory has a manifest, .manifest.json, recording every checkpoint's sha256, size, step,
 metrics and run id. A save writes a temporary file, fsyncs it, records it in the manifest, then
 renames it into place: every file under a checkpoint's name is complete and has a manifest entry.
+A file without an entry (a copy, a download) is checked against its own zip CRC-32s (selfcheck.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 from lmpipe.errors import UserError
 from lmpipe.fileio import (SaveAbandoned, atomic_path, atomic_write_text, file_sha256, stale_temporaries,
                            write_error)
+from lmpipe.selfcheck import Verification, self_check
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
 # Hidden, so that the seed guide's `ls checkpoints/ | sort | tail -1` gives a checkpoint.
@@ -171,31 +172,17 @@ def clean_directory(directory: str | Path) -> list[str]:
     return notes
 
 
-@dataclass(frozen=True)
-class Verification:
-    status: str  # ok | unverified (no manifest entry) | corrupt | missing
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
 def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
-    """Check size and sha256 against the manifest. deep=True also loads a file that has no
-    manifest entry (weights_only) and accepts it if it is a complete lmpipe checkpoint."""
+    """Check size and sha256 against the manifest; a file without an entry (a copy, a download)
+    checks itself (selfcheck.self_check: every zip record against its CRC-32). deep=True also loads
+    such a file (weights_only) and accepts it only if it is a complete lmpipe checkpoint."""
     path = Path(path)
     if not path.is_file():
         return Verification("missing", f"{path}: no such file")
     entry = read_manifest(path.parent).get(path.name)
     if entry is None:
-        if not deep:
-            return Verification("unverified", f"{path.name} has no entry in {manifest_path(path.parent)}")
-        try:
-            load_checkpoint(path)
-        except UserError as e:
-            return Verification("corrupt", str(e))
-        return Verification("ok", "no manifest entry, but it loads completely")
+        return _verify_alone(path, deep)
+    # With an entry, the sha256 is the stronger check: the bytes are those read back at the save.
     size = path.stat().st_size
     if size != entry["size"]:
         return Verification("corrupt", f"{path.name} is {size} bytes, the manifest records {entry['size']} "
@@ -204,6 +191,28 @@ def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
         return Verification("corrupt", f"{path.name}: sha256 differs from the manifest (the file changed "
                                        "after it was written: disk error or tampering)")
     return Verification("ok")
+
+
+def _verify_alone(path: Path, deep: bool) -> Verification:
+    v = self_check(path)
+    if v.status == "corrupt":
+        return v
+    where = f"{path.name} has no entry in {manifest_path(path.parent)}"
+    if not deep:
+        return Verification(v.status, f"{where}; {v.detail}")
+    try:
+        load_checkpoint(path)
+    except UserError as e:
+        return Verification("corrupt", str(e))
+    checked = f"{v.detail} and " if v.ok else ""
+    return Verification("ok", f"{where}, but {checked}it loads completely")
+
+
+def require_intact(path: str | Path, what: str, fix: str) -> None:
+    """UserError unless `path` verifies (or, not being a zip archive, cannot be checked)."""
+    v = verify_checkpoint(path)
+    if v.status in ("corrupt", "missing"):
+        raise UserError(f"{path}: {what} is {v.status} ({v.detail}); {fix}")
 
 
 def warn(message: str) -> None:
