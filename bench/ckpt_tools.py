@@ -1,10 +1,13 @@
-"""`lmpipe ckpt` speed: `list` over 100 checkpoints (target: under 2 s, the whole command), and the
+"""`lmpipe ckpt` speed: `list` over 100 checkpoints (target: under 2 s, the whole command), the
 memory `inspect` needs for a ~500 MB checkpoint (target: it memory-maps, so its peak RSS grows by
-well under a tenth of the file's size compared with inspecting a tiny checkpoint)."""
+well under a tenth of the file's size compared with inspecting a tiny checkpoint), and the time a
+checkpoint takes to verify itself (its zip CRC-32s) per GB, beside the time to read it."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,8 +72,48 @@ def main() -> None:
         print(f"(reference: torch.load without mmap peaks at {full / 1e6:.0f} MB, inspect at {peak / 1e6:.0f} MB)")
         print(f"ckpt inspect, {size / 1e6:.0f} MB checkpoint: peak RSS +{grow / 1e6:.0f} MB over a tiny one "
               f"(target < 0.1 of the file): ratio {grow / size:.3f}")
+        verify_speed(big)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def read_file(path: Path, digest=None) -> None:
+    """Read the file once in 16 MB chunks, feeding `digest` (e.g. a sha256) if given."""
+    buf = memoryview(bytearray(16 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            if digest is not None:
+                digest.update(buf[:n])
+
+
+def verify_speed(path: Path | None = None, rounds: int = 3) -> None:
+    """selfcheck.self_check's seconds per GB beside a plain read's, alternating on the same file
+    (from the page cache: a first read warms it), with the manifest's sha256 for reference."""
+    from lmpipe.selfcheck import self_check
+
+    root = None
+    if path is None:  # run alone: a synthetic ~660 MB checkpoint
+        root = Path(tempfile.mkdtemp(prefix="lmpipe-bench-verify-"))
+        path = root / checkpoint.checkpoint_filename("gpt", "bench", 1)
+        checkpoint.save_checkpoint(path, payload(n_embd=1024, n_layer=9, vocab=50304, step=1))
+    jobs = {"verify": lambda: self_check(path), "read": lambda: read_file(path),
+            "sha256": lambda: read_file(path, hashlib.sha256())}
+    try:
+        assert self_check(path).ok  # also warms the page cache
+        times: dict[str, list[float]] = {k: [] for k in jobs}
+        for r in range(rounds):
+            for name in (list(jobs) if r % 2 == 0 else reversed(list(jobs))):
+                t0 = time.perf_counter()
+                jobs[name]()
+                times[name].append(time.perf_counter() - t0)
+        gb = path.stat().st_size / 1e9
+    finally:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+    v, r, s = (statistics.median(times[k]) / gb for k in ("verify", "read", "sha256"))
+    print(f"self-verify (zip CRC-32s), {gb * 1e3:.0f} MB checkpoint from the page cache, medians of "
+          f"{rounds}: self-verify s/GB vs read s/GB: {v:.2f} vs {r:.2f}: ratio {v / r:.2f}  "
+          f"(sha256, the manifest check: {s:.2f} s/GB)")
 
 
 if __name__ == "__main__":

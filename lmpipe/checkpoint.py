@@ -6,9 +6,10 @@ A checkpoint is data, not objects: state_dicts plus JSON-able metadata, loadable
 optimizer_state_dict, hyperparameters, vocab_size, block_size, batch_size, step) plus the
 tokenizer JSON (inference needs no data/ directory), the full training state and a format version.
 
-Each directory has a manifest.json recording every checkpoint's sha256, size, step, metrics and run
-id. A save writes a temporary file, fsyncs it, records it in the manifest, then renames it into
-place: every file under a checkpoint's name is complete and has a manifest entry.
+Each directory has a manifest, .manifest.json, recording every checkpoint's sha256, size, step,
+metrics and run id. A save writes a temporary file, fsyncs it, records it in the manifest, then
+renames it into place: every file under a checkpoint's name is complete and has a manifest entry.
+A file without an entry (a copy, a download) is checked against its own zip CRC-32s (selfcheck.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,13 @@ from typing import Any
 from lmpipe.errors import UserError
 from lmpipe.fileio import (SaveAbandoned, atomic_path, atomic_write_text, file_sha256, stale_temporaries,
                            write_error)
+from lmpipe.selfcheck import Verification, self_check
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
-MANIFEST = "manifest.json"
+# Hidden, so that the seed guide's `ls checkpoints/ | sort | tail -1` gives a checkpoint.
+MANIFEST = ".manifest.json"
+OLD_MANIFEST = "manifest.json"  # earlier versions' name: still read, replaced at the next write
+MANIFEST_FORMAT = "lmpipe-checkpoint-manifest"
 REQUIRED_KEYS = ("model_state_dict", "hyperparameters", "vocab_size", "block_size", "step", "tokenizer")
 NAME_RE = re.compile(r"^checkpoint_(?P<model>[a-z0-9]+)_(?P<source>.+)_step(?P<step>\d+)_(?P<time>\d{8}_\d{6})\.pt$")
 _COMPILE_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel wrappers
@@ -90,9 +94,16 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
 
 # --- manifest ----------------------------------------------------------------------------------
 
+def manifest_path(directory: str | Path) -> Path:
+    """The directory's manifest: .manifest.json, or an earlier version's manifest.json if that is
+    all there is."""
+    new, old = Path(directory) / MANIFEST, Path(directory) / OLD_MANIFEST
+    return old if old.exists() and not new.exists() else new
+
+
 def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
     """{file name: {sha256, size, step, run_id, metrics, created}}; {} if there is none."""
-    path = Path(directory) / MANIFEST
+    path = manifest_path(directory)
     if not path.exists():
         return {}
     try:
@@ -106,7 +117,44 @@ def _update_manifest(directory: Path, change) -> None:
     entries = read_manifest(directory)
     change(entries)
     atomic_write_text(directory / MANIFEST, json.dumps(
-        {"format": "lmpipe-checkpoint-manifest", "version": 1, "checkpoints": entries}, indent=1) + "\n")
+        {"format": MANIFEST_FORMAT, "version": 1, "checkpoints": entries}, indent=1) + "\n")
+    old = directory / OLD_MANIFEST
+    if _json_format(old) == MANIFEST_FORMAT:  # migrated: its entries are in the new one now
+        old.unlink(missing_ok=True)
+
+
+def _json_format(path: Path) -> str | None:
+    """The "format" field of a JSON file of reasonable size; None for anything else."""
+    try:
+        if path.suffix != ".json" or not path.is_file() or path.stat().st_size > 64 << 20:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("format") if isinstance(data, dict) else None
+
+
+def is_manifest(path: str | Path) -> bool:
+    """lmpipe's manifest under either name, or any JSON file that says it is one."""
+    path = Path(path)
+    return path.name in (MANIFEST, OLD_MANIFEST) or _json_format(path) == MANIFEST_FORMAT
+
+
+def refuse_manifest(path: str | Path,
+                    instead: str = "pass one of them, e.g. {example}, or 'latest'") -> None:
+    """A manifest passed where a checkpoint belongs (`ls checkpoints/ | sort | tail -1` gave one
+    before it was hidden) is a UserError saying what it is and what to pass: `instead`, in which
+    {example} is the newest checkpoint beside it and {directory} its directory."""
+    path = Path(path)
+    if not is_manifest(path):
+        return
+    directory, found = path.parent, list_checkpoints(path.parent)
+    what = (f"{path} is lmpipe's checkpoint manifest (the integrity record of the checkpoints in "
+            f"{directory}/), not a checkpoint")
+    if not found:
+        raise UserError(f"{what}; there are no checkpoints in {directory}/ yet: train with "
+                        "ENABLE_CHECKPOINTS=true (or: lmpipe run)")
+    raise UserError(f"{what}; " + instead.format(example=found[-1], directory=directory))
 
 
 def delete_checkpoint(path: Path) -> None:
@@ -132,31 +180,17 @@ def clean_directory(directory: str | Path) -> list[str]:
     return notes
 
 
-@dataclass(frozen=True)
-class Verification:
-    status: str  # ok | unverified (no manifest entry) | corrupt | missing
-    detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-
 def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
-    """Check size and sha256 against the manifest. deep=True also loads a file that has no
-    manifest entry (weights_only) and accepts it if it is a complete lmpipe checkpoint."""
+    """Check size and sha256 against the manifest; a file without an entry (a copy, a download)
+    checks itself (selfcheck.self_check: every zip record against its CRC-32). deep=True also loads
+    such a file (weights_only) and accepts it only if it is a complete lmpipe checkpoint."""
     path = Path(path)
     if not path.is_file():
         return Verification("missing", f"{path}: no such file")
     entry = read_manifest(path.parent).get(path.name)
     if entry is None:
-        if not deep:
-            return Verification("unverified", f"{path.name} has no entry in {path.parent / MANIFEST}")
-        try:
-            load_checkpoint(path)
-        except UserError as e:
-            return Verification("corrupt", str(e))
-        return Verification("ok", "no manifest entry, but it loads completely")
+        return _verify_alone(path, deep)
+    # With an entry, the sha256 is the stronger check: the bytes are those read back at the save.
     size = path.stat().st_size
     if size != entry["size"]:
         return Verification("corrupt", f"{path.name} is {size} bytes, the manifest records {entry['size']} "
@@ -165,6 +199,28 @@ def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
         return Verification("corrupt", f"{path.name}: sha256 differs from the manifest (the file changed "
                                        "after it was written: disk error or tampering)")
     return Verification("ok")
+
+
+def _verify_alone(path: Path, deep: bool) -> Verification:
+    v = self_check(path)
+    if v.status == "corrupt":
+        return v
+    where = f"{path.name} has no entry in {manifest_path(path.parent)}"
+    if not deep:
+        return Verification(v.status, f"{where}; {v.detail}")
+    try:
+        load_checkpoint(path)
+    except UserError as e:
+        return Verification("corrupt", str(e))
+    checked = f"{v.detail} and " if v.ok else ""
+    return Verification("ok", f"{where}, but {checked}it loads completely")
+
+
+def require_intact(path: str | Path, what: str, fix: str) -> None:
+    """UserError unless `path` verifies (or, not being a zip archive, cannot be checked)."""
+    v = verify_checkpoint(path)
+    if v.status in ("corrupt", "missing"):
+        raise UserError(f"{path}: {what} is {v.status} ({v.detail}); {fix}")
 
 
 def warn(message: str) -> None:
@@ -178,6 +234,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     from lmpipe.safeload import Unreadable, torch_load
 
     path = Path(path)
+    refuse_manifest(path)
     if not path.is_file():
         raise UserError(f"Checkpoint not found: {path}; check the path, list checkpoints with "
                         f"'lmpipe ckpt list {path.parent}' (or 'ls {path.parent}/'), "
@@ -253,12 +310,14 @@ def resolve_checkpoint(spec: str, directory: str | Path, step: int | None = None
     a glob → its newest match; else the path."""
     if spec == "latest":
         return resolve_step(directory, step) if step is not None else latest_verified(directory)
+    path = Path(os.path.expanduser(spec))
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(os.path.expanduser(spec)), key=lambda p: Path(p).stat().st_mtime)
         if not matches:
             raise UserError(f"Checkpoint not found: nothing matches {spec!r}; list checkpoints with 'ls {directory}/'")
-        return Path(matches[-1])
-    return Path(spec)
+        path = Path(matches[-1])
+    refuse_manifest(path)
+    return path
 
 
 def check_optimizer_state(ckpt: dict[str, Any], optimizer, path: str | Path) -> None:

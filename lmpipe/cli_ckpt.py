@@ -74,10 +74,10 @@ def run(args, cfg_loader) -> int:
 
 
 def _resolve(spec: str, cfg) -> Path:
+    """'latest', a glob or a path; a manifest passed instead of a checkpoint is refused here."""
     from lmpipe.checkpoint import resolve_checkpoint
 
-    return resolve_checkpoint(spec, cfg.checkpoint.dir) if spec == "latest" or any(c in spec for c in "*?[") \
-        else Path(spec).expanduser()
+    return resolve_checkpoint(spec, cfg.checkpoint.dir)
 
 
 def _size(n: int) -> str:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import joined
+from lmpipe.errors import UserError, joined
 from lmpipe.formats import View
 from lmpipe.inspection import Row, scan
 from lmpipe.integrity import Report, buildable_arch, check, shape_mismatches
@@ -52,13 +52,17 @@ class Diagnosis:
 def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = False,
              trust_pickle: bool = False) -> list[Diagnosis]:
     """One Diagnosis per checkpoint at `path` (a file, a glob, or a directory of checkpoints).
-    model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly."""
+    model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly.
+    A manifest passed as a checkpoint is a UserError (bad usage), not a corrupted checkpoint."""
+    from lmpipe.checkpoint import refuse_manifest
+
     target = Path(os.path.expanduser(path))
     if any(c in path for c in "*?["):
         matches = sorted(glob.glob(str(target)), key=os.path.getmtime)
         if not matches:
             return [not_found(target)]
         target = Path(matches[-1])
+    refuse_manifest(target, "pass one of them, e.g. {example}, or the directory to diagnose all")
     if not target.exists():
         return [not_found(target)]
     if target.is_dir() and not _is_single(target):
@@ -92,14 +96,7 @@ def diagnose_one(path: Path, model_cfg: dict | None, forced: bool, trust_pickle:
 def _finding_for(kind: str, text: str, r: Report) -> Finding:
     path = r.path
     if kind in ("integrity", "load", "nonfinite"):
-        earlier = last_good_before(path)
-        title = "corrupted" if kind != "nonfinite" else "NaN/Inf in the weights (training diverged)"
-        if earlier is None:
-            return Finding("broken", title, [text, "no earlier checkpoint verifies"],
-                           "retrain: lmpipe run (or ENABLE_CHECKPOINTS=true python3 training.py)")
-        row = Row("nanochat" if earlier.name.startswith("model_") else "lmpipe", "", "", _step_in_name(earlier.name),
-                  None, 0, None, "", "", str(earlier))
-        return Finding("fixable", title, [text, f"the last verified earlier checkpoint: {earlier}"], _use_command(row))
+        return _fallback(kind, text, r)
     if kind == "unsafe":
         return Finding("fixable", "needs arbitrary unpickling", [text],
                        f"only if you trust its origin: lmpipe ckpt inspect {path} --trust-pickle")
@@ -120,9 +117,49 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
     return Finding("broken", kind, [text])
 
 
-def last_good_before(path: Path) -> Path | None:
-    """The newest checkpoint in the same directory that is older than `path` and verifies."""
-    from lmpipe.checkpoint import list_checkpoints, parse_filename, verify_checkpoint
+def _fallback(kind: str, text: str, r: Report) -> Finding:
+    """A corrupted or diverged checkpoint: the last earlier one of its lineage that verifies."""
+    from lmpipe.checkpoint import parse_filename
+
+    title = "corrupted" if kind != "nonfinite" else "NaN/Inf in the weights (training diverged)"
+    run_id = run_id_of(r.path, r.view)
+    earlier = last_good_before(r.path, run_id)
+    named = parse_filename(r.path)
+    if earlier is None:
+        which = f"of its lineage ({_lineage(named, run_id)}) " if named else ""
+        return Finding("broken", title, [text, f"no earlier checkpoint {which}verifies"],
+                       "retrain: lmpipe run (or ENABLE_CHECKPOINTS=true python3 training.py)")
+    row = Row("nanochat" if earlier.name.startswith("model_") else "lmpipe", "", "",
+              _step_in_name(earlier.name), None, 0, None, "", "", str(earlier))
+    detail = [text, f"the last verified earlier checkpoint: {earlier}"]
+    if named and run_id is None:
+        detail.append(UNCONFIRMED)
+    return Finding("fixable", title, detail, _use_command(row))
+
+
+# Said when a suggestion is an lmpipe checkpoint whose run cannot be compared.
+UNCONFIRMED = ("its lineage could not be confirmed: no manifest entry records its MLflow run, so "
+               "the suggestion only shares its model and source and has an earlier step")
+
+
+def _lineage(named: dict, run_id: str | None) -> str:
+    run = f", MLflow run {run_id}" if run_id else ""
+    return f"model {named['model']}, source {named['source']}{run}"
+
+
+def run_id_of(path: Path, view: View | None = None) -> str | None:
+    """The MLflow run a checkpoint belongs to: its manifest entry's, else the one the file holds."""
+    from lmpipe.checkpoint import read_manifest
+
+    entry = read_manifest(path.parent).get(path.name) or {}
+    return entry.get("run_id") or (view.info.get("run_id") if view is not None else None) or None
+
+
+def last_good_before(path: Path, run_id: str | None = None) -> Path | None:
+    """The newest earlier checkpoint of the same lineage that verifies. nanochat: the same model
+    tag (directory). lmpipe: the same model and source (file names) and, when `run_id` is known,
+    the same MLflow run (a resume continues its run: a checkpoint `path` descends from)."""
+    from lmpipe.checkpoint import parse_filename, verify_checkpoint
     from lmpipe.formats import NANOCHAT_RE, nanochat_steps
 
     if (m := NANOCHAT_RE.match(path.name)) is not None:
@@ -134,32 +171,85 @@ def last_good_before(path: Path) -> Path | None:
     named = parse_filename(path)
     if named is None:
         return None
-    earlier = [p for p in list_checkpoints(path.parent)
-               if p != path and (parse_filename(p) or {}).get("step", 1 << 62) < named["step"]]
-    for cand in sorted(earlier, key=lambda p: parse_filename(p)["step"], reverse=True):
+    for cand in _earlier_of_lineage(path, named):
+        if run_id is not None and _run_of(cand) != run_id:
+            continue
         if verify_checkpoint(cand, deep=True).ok:
             return cand
     return None
 
 
+def _earlier_of_lineage(path: Path, named: dict) -> list[Path]:
+    """lmpipe checkpoints beside `path` with its model and source at earlier steps, newest first."""
+    from lmpipe.checkpoint import list_checkpoints, parse_filename
+
+    def same(p: Path) -> bool:
+        n = parse_filename(p)
+        return bool(n) and (n["model"], n["source"]) == (named["model"], named["source"]) \
+            and n["step"] < named["step"]
+
+    found = [p for p in list_checkpoints(path.parent) if p != path and same(p)]
+    return sorted(found, key=lambda p: parse_filename(p)["step"], reverse=True)
+
+
+def _run_of(path: Path) -> str | None:
+    """A candidate's run: its manifest entry's, else the one the file holds (memory-mapped)."""
+    from lmpipe.checkpoint import load_checkpoint, read_manifest
+
+    entry = read_manifest(path.parent).get(path.name)
+    if entry is not None:
+        return entry.get("run_id")
+    try:
+        return load_checkpoint(path, mmap=True).get("run_id")
+    except UserError:
+        return None
+
+
+TRAIN = "train with checkpoints: ENABLE_CHECKPOINTS=true python3 training.py (or: lmpipe run)"
+
+
 def not_found(path: Path) -> Diagnosis:
-    """What exists near a missing path, and the checkpoint with the nearest step."""
+    """What exists near a missing path, and the checkpoint of its lineage with the nearest step."""
     near = path.parent
     rows = scan(near, depth=1) if near.is_dir() else []
     d = Diagnosis(str(path), "not found")
     if not rows:
         where = f"no checkpoints in {near}/" if near.is_dir() else f"{near}/ does not exist"
-        d.findings.append(Finding("broken", "Checkpoint not found", [where],
-                                  "train with checkpoints: ENABLE_CHECKPOINTS=true python3 training.py "
-                                  "(or: lmpipe run)"))
+        d.findings.append(Finding("broken", "Checkpoint not found", [where], TRAIN))
+        return d
+    steps = ", ".join(str(r.step) for r in rows[-12:])
+    detail = [f"{near}/ holds {len(rows)} checkpoint(s); steps: {steps}"]
+    pool, note = _lineage_rows(path, rows)
+    if not pool:
+        d.findings.append(Finding("broken", "Checkpoint not found", detail + [note], TRAIN))
         return d
     want = _step_in_name(path.name)
-    best = min(rows, key=lambda r: (abs((r.step or 0) - want), (r.step or 0) > want)) if want is not None else rows[-1]
-    steps = ", ".join(str(r.step) for r in rows[-12:])
-    detail = [f"{near}/ holds {len(rows)} checkpoint(s); steps: {steps}",
-              f"nearest{' to step ' + str(want) if want is not None else ' (newest)'}: {best.path} (step {best.step})"]
-    d.findings.append(Finding("fixable", "Checkpoint not found", detail, _use_command(best)))
+    best = min(pool, key=lambda r: (abs((r.step or 0) - want), (r.step or 0) > want)) \
+        if want is not None else pool[-1]
+    near_step = f" to step {want}" if want is not None else " (newest)"
+    detail.append(f"nearest{near_step}: {best.path} (step {best.step})")
+    d.findings.append(Finding("fixable", "Checkpoint not found", detail + ([note] if note else []),
+                              _use_command(best)))
     return d
+
+
+def _lineage_rows(path: Path, rows: list[Row]) -> tuple[list[Row], str | None]:
+    """The rows a missing lmpipe checkpoint's suggestion may come from: its model and source, and
+    its run if the manifest still records it (else earlier steps only); plus what to say about it.
+    Other names (nanoGPT's ckpt.pt, nanochat's) carry no lineage: every row, nothing to say."""
+    from lmpipe.checkpoint import parse_filename, read_manifest
+
+    named = parse_filename(path)
+    if named is None:
+        return rows, None
+    run_id = (read_manifest(path.parent).get(path.name) or {}).get("run_id")
+    same = [r for r in rows if r.format == "lmpipe"
+            and (r.model, r.source) == (named["model"], named["source"])]
+    pool = [r for r in same if r.run_id == run_id] if run_id else \
+        [r for r in same if (r.step or 0) <= named["step"]]
+    if not pool:
+        return [], f"none of them is of its lineage ({_lineage(named, run_id)})"
+    return pool, None if run_id else UNCONFIRMED
 
 
 def _step_in_name(name: str) -> int | None:

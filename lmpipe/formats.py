@@ -45,7 +45,10 @@ class View:
 
 def open_view(path: str | Path, trust_pickle: bool = False) -> View:
     """Detect the format of a file or directory and read it. UserError if it is none of them."""
+    from lmpipe.checkpoint import refuse_manifest
+
     path = Path(os.path.expanduser(str(path)))
+    refuse_manifest(path)
     if not path.exists():
         raise UserError(f"Checkpoint not found: {path}; 'lmpipe ckpt doctor {path}' shows what exists nearby")
     try:

@@ -37,8 +37,11 @@ class Row:
 
 def scan(root: str | Path, depth: int = 3) -> list[Row]:
     """Every checkpoint under `root` (itself and `depth` levels of subdirectories), newest last."""
+    from lmpipe.checkpoint import refuse_manifest
+
     root = Path(root).expanduser()
     if not root.is_dir():
+        refuse_manifest(root, "list them with 'lmpipe ckpt list {directory}/'")
         raise UserError(f"Checkpoint not found: {root} is not a directory; train with ENABLE_CHECKPOINTS=true, "
                         "or pass the directory that holds the checkpoints")
     rows = [row for d in _dirs(root, depth) for row in _rows_in(d)]
@@ -82,7 +85,7 @@ def _mtime(p: Path) -> datetime:
 def _lmpipe_rows(d: Path) -> list[Row]:
     from lmpipe.checkpoint import current_val_loss, parse_filename, read_manifest
 
-    manifest = read_manifest(d) if (d / "manifest.json").exists() else {}
+    manifest = read_manifest(d)
     rows = []
     for p in d.glob("checkpoint_*.pt"):
         named, entry, size = parse_filename(p) or {}, manifest.get(p.name), p.stat().st_size

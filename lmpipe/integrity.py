@@ -1,8 +1,9 @@
 """`lmpipe ckpt verify`: everything that must hold for a checkpoint to be trusted, one problem per line.
 
-Integrity (size and sha256 against the manifest), loadability with weights_only, completeness, weights
-that fit the architecture the checkpoint declares, NaN/Inf in any tensor, and optimizer state that
-matches the parameters.
+Integrity (size and sha256 against the manifest; without an entry, and for other trainers' files,
+every zip record against its CRC-32), loadability with weights_only, completeness, weights that fit
+the architecture the checkpoint declares, NaN/Inf in any tensor, and optimizer state that matches
+the parameters.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from lmpipe.errors import UserError
 from lmpipe.formats import View, open_view, shape_of
 from lmpipe.safeload import UnsafePickle
+from lmpipe.selfcheck import Verification, self_check
 
 BUILDABLE = ("gpt", "bigram")  # architectures lmpipe can rebuild to check a state dict against
 
@@ -39,17 +41,10 @@ class Report:
 
 
 def check(path: str | Path, trust_pickle: bool = False) -> Report:
-    from lmpipe.checkpoint import verify_checkpoint
-
     path = Path(path).expanduser()
     r = Report(path)
-    if path.is_file() and path.name.startswith("checkpoint_"):
-        v = verify_checkpoint(path)
-        if v.status in ("corrupt", "missing"):
-            r.problems.append(Problem("integrity", v.detail))
-            return r
-        if v.status == "unverified":
-            r.notes.append(f"{v.detail}: integrity cannot be checked, only loadability")
+    if path.is_file() and not _intact(path, r):
+        return r
     if trust_pickle:  # still report that the file fails the weights_only load
         try:
             open_view(path)
@@ -65,9 +60,28 @@ def check(path: str | Path, trust_pickle: bool = False) -> Report:
     except UserError as e:
         r.problems.append(Problem("load", str(e)))
         return r
+    if not all(_intact(f, r) for f in r.view.files if f != path and f.suffix in (".pt", ".bin")):
+        return r  # another file of the checkpoint (nanochat's optimizer shards, a .bin) is damaged
     misfit = _architecture(r.view)
     r.problems += _completeness(r.view) + misfit + _nonfinite(r.view) + _optimizer(r.view, exact=not misfit)
     return r
+
+
+def _intact(path: Path, r: Report) -> bool:
+    """The file's own integrity: lmpipe's against the manifest (else its zip CRC-32s), other
+    trainers' against their zip CRC-32s. A problem or a note goes into `r`."""
+    from lmpipe.checkpoint import verify_checkpoint
+
+    lmpipe = path.name.startswith("checkpoint_")
+    v: Verification = verify_checkpoint(path) if lmpipe else self_check(path)
+    if v.status in ("corrupt", "missing"):
+        r.problems.append(Problem("integrity", v.detail))
+        return False
+    if v.status == "unverified" and lmpipe:
+        r.notes.append(f"{v.detail}: integrity cannot be checked, only loadability")
+    elif v.ok and v.detail and lmpipe:  # no manifest entry: say what vouched for it
+        r.notes.append(v.detail)
+    return True
 
 
 def _completeness(v: View) -> list[Problem]:

@@ -9,11 +9,17 @@ import pandas as pd
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from lmpipe.checkpoint import load_for_inference
+        from lmpipe.checkpoint import load_for_inference, require_intact
         from lmpipe.device import pick_device
 
+        # The artifact comes back from MLflow's store (a download, a copy) with no manifest beside
+        # it: the file checks itself before anything is built from it.
+        path = context.artifacts["checkpoint"]
+        require_intact(path, "the model's checkpoint artifact",
+                       "download the model again, or register it again from a checkpoint that passes "
+                       "'lmpipe ckpt verify'")
         self.device = pick_device("auto")
-        _, self.model, self.tok = load_for_inference(context.artifacts["checkpoint"], self.device)
+        _, self.model, self.tok = load_for_inference(path, self.device)
 
     # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:

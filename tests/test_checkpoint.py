@@ -52,7 +52,7 @@ def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     x = torch.randint(0, 5, (1, 8))
     assert torch.equal(rebuilt(x)[0], model.eval()(x)[0])
     assert checkpoint.tokenizer_from_checkpoint(loaded).decode([0, 4]) == "ae"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "manifest.json"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.json", "c.pt"]  # no temporary left
 
 
 def test_compiled_model_prefixes_are_stripped(tmp_path):

@@ -198,3 +198,42 @@ def test_export_hf_matches_logits(ckdir, capsys):
     assert hf_tok.decode(tok.encode("my hedge\nis tall")) == "my hedge\nis tall"
     code, _, err = run(capsys, "ckpt", "export", str(sorted(ckdir.glob("checkpoint_bigram_*"))[0]), "--format", "hf")
     assert code == 2 and "use --format safetensors" in err
+
+
+def test_doctor_falls_back_only_within_the_lineage(project, capsys):
+    """A corrupt gpt_dear_agnes checkpoint: not the newer gpt_new_data one (same run, resumed on
+    other data), not gpt_dear_agnes of another run; only the earlier one of its own run."""
+    d = project / "checkpoints"
+    ours = save_lmpipe(d, 100, source="dear_agnes", run_id="run-a")
+    other_run = save_lmpipe(d, 200, source="dear_agnes", run_id="run-b")
+    damaged = save_lmpipe(d, 300, source="dear_agnes", run_id="run-a")
+    other_source = save_lmpipe(d, 250, source="new_data", run_id="run-a")  # the newest file
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))
+    assert code == 3 and f"the last verified earlier checkpoint: {ours}" in out
+    assert str(other_run) not in out and str(other_source) not in out
+    assert "could not be confirmed" not in out
+    ours.unlink()
+    code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))
+    assert code == 4 and str(other_run) not in out and str(other_source) not in out
+    assert ("no earlier checkpoint of its lineage (model gpt, source dear_agnes, MLflow run run-a) "
+            "verifies") in out and "fix: retrain" in out
+    # its run unknown (no manifest entry): same model and source at an earlier step, said so
+    checkpoint._update_manifest(d, lambda m: m.pop(damaged.name))
+    code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))
+    assert code == 3 and f"the last verified earlier checkpoint: {other_run}" in out
+    assert "its lineage could not be confirmed" in out and str(other_source) not in out
+
+
+def test_doctor_not_found_suggests_only_the_lineage(project, capsys):
+    d = project / "checkpoints"
+    save_lmpipe(d, 100, source="dear_agnes", run_id="run-a")
+    save_lmpipe(d, 250, source="new_data", run_id="run-a")  # nearer in step, other data
+    missing = "checkpoints/checkpoint_{}_dear_agnes_step0250_01012026_000000.pt"
+    code, out, _ = run(capsys, "ckpt", "doctor", missing.format("gpt"))
+    assert code == 3 and "step 250: checkpoints/checkpoint_gpt_dear_agnes_step0100_" in out
+    assert "new_data" not in out.split("steps:")[1].split("\n", 1)[1]
+    code, out, _ = run(capsys, "ckpt", "doctor", missing.format("bigram"))
+    assert code == 4 and "none of them is of its lineage (model bigram, source dear_agnes)" in out

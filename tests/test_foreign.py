@@ -85,7 +85,7 @@ def test_doctor_not_found_names_the_nearest_step(project, capsys):
 
 def test_doctor_corrupted_optimizer_mismatch_and_tokenizer(project, capsys):
     d = project / "checkpoints"
-    first, second = save_lmpipe(d, 10), save_lmpipe(d, 20)
+    first, second = save_lmpipe(d, 10, run_id="r1"), save_lmpipe(d, 20, run_id="r1")  # one run
     data = bytearray(second.read_bytes())
     data[-100] ^= 0xFF
     second.write_bytes(bytes(data))

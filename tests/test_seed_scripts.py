@@ -81,3 +81,28 @@ def test_seed_troubleshooting_messages(project):
     assert_user_error(r, "CHECKPOINT_PATH is not set")
     r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH="x.pt", MAX_NEW_TOKENS="lots")
     assert_user_error(r, "MAX_NEW_TOKENS must be a positive integer, got 'lots'")
+
+
+def test_seed_workflow_ls_sort_tail_resumes_the_newest(project):
+    """The guide's `CHECKPOINT=$(ls checkpoints/ | sort | tail -1)` then `CHECKPOINT_PATH=
+    checkpoints/$CHECKPOINT MODE=resume python3 scripts/load_checkpoint.py`: the manifest is hidden
+    from ls, so the newest checkpoint is what resumes."""
+    from conftest import BIN
+    from lmpipe import stages
+    from lmpipe.config import load_config
+
+    cfg = load_config("params.yaml", env={})
+    stages.prepare(cfg)
+    stages.build_tokenizer(cfg)
+    r = subprocess.run([str(BIN / "lmpipe"), "stage", "train"], env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert steps_in(project / "checkpoints") == [10, 20]
+    guide = ("CHECKPOINT=$(ls checkpoints/ | sort | tail -1); "
+             "CHECKPOINT_PATH=checkpoints/$CHECKPOINT MODE=resume "
+             f"python3 {REPO / 'scripts' / 'load_checkpoint.py'}")
+    r = subprocess.run(["bash", "-c", guide], env=cli_env(RESUME_TRAINING_STEPS="5"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint checkpoints/checkpoint_gpt_corpus_step0020_" in r.stderr  # described first
+    assert steps_in(project / "checkpoints") == [10, 20, 25]
