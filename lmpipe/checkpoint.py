@@ -364,8 +364,14 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
     return model.to(device).eval()
 
 
-def load_for_inference(path: str | Path, device: str = "cpu"):
-    """(checkpoint dict, model in eval mode on `device`, tokenizer) from one checkpoint file."""
+EARLIER = "use one from an earlier step ('lmpipe ckpt doctor {path}' names it)"
+
+
+def load_for_inference(path: str | Path, device: str = "cpu", what: str = "the checkpoint",
+                       fix: str = EARLIER):
+    """(checkpoint dict, model in eval mode on `device`, tokenizer) from one checkpoint file, which
+    must verify first (manifest sha256, or its own CRCs): damaged weights never generate text."""
+    require_intact(path, what, fix.format(path=path))
     ckpt = load_checkpoint(path)
     return ckpt, model_from_checkpoint(ckpt, device), tokenizer_from_checkpoint(ckpt)
 

@@ -136,11 +136,12 @@ def cmd_resume(args) -> int:
     import dataclasses
 
     from lmpipe import resuming, stages
-    from lmpipe.checkpoint import load_checkpoint, resolve_checkpoint
+    from lmpipe.checkpoint import EARLIER, load_checkpoint, require_intact, resolve_checkpoint
 
     cfg = _config(args)
     _check_resume_flags(args)
     path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
+    require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
     warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer else 0)
     resume = resuming.Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
     ckpt = load_checkpoint(path, mmap=True)

@@ -15,8 +15,8 @@ from lmpipe.errors import UserError
 from lmpipe.formats import View, open_view, shape_of
 from lmpipe.safeload import UnsafePickle
 from lmpipe.selfcheck import Verification, self_check
+from models import MODELS
 
-BUILDABLE = ("gpt", "bigram")  # architectures lmpipe can rebuild to check a state dict against
 
 
 @dataclass
@@ -119,9 +119,9 @@ def is_mask_buffer(name: str) -> bool:
 
 def buildable_arch(v: View) -> dict[str, Any] | None:
     arch = dict(v.arch)
-    if arch.get("type") not in BUILDABLE or not arch.get("vocab_size"):
+    if arch.get("type") not in MODELS or not arch.get("vocab_size"):  # the registry: what lmpipe can build
         return None
-    if arch["type"] == "gpt" and not all(arch.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size")):
+    if arch["type"] != "bigram" and not all(arch.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size")):
         return None
     return arch
 

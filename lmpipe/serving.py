@@ -9,17 +9,15 @@ import pandas as pd
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from lmpipe.checkpoint import load_for_inference, require_intact
+        from lmpipe.checkpoint import load_for_inference
         from lmpipe.device import pick_device
 
         # The artifact comes back from MLflow's store (a download, a copy) with no manifest beside
-        # it: the file checks itself before anything is built from it.
-        path = context.artifacts["checkpoint"]
-        require_intact(path, "the model's checkpoint artifact",
-                       "download the model again, or register it again from a checkpoint that passes "
-                       "'lmpipe ckpt verify'")
+        # it: the file checks itself (its zip CRCs) before anything is built from it.
         self.device = pick_device("auto")
-        _, self.model, self.tok = load_for_inference(path, self.device)
+        _, self.model, self.tok = load_for_inference(
+            context.artifacts["checkpoint"], self.device, "the model's checkpoint artifact",
+            "download the model again, or register it again from a checkpoint that passes 'lmpipe ckpt verify'")
 
     # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:

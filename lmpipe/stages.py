@@ -116,12 +116,13 @@ def _code_hash(module_file: str, fp: str) -> str:
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
     resuming.Resume) or the param train.resume ("latest" or a path) asks to resume."""
-    from lmpipe.checkpoint import load_checkpoint, resolve_checkpoint
+    from lmpipe.checkpoint import EARLIER, load_checkpoint, require_intact, resolve_checkpoint
     from lmpipe.resuming import Resume, check_architecture, recorded_data, say
     from lmpipe.training_run import run_training
 
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
         resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
+        require_intact(resume.checkpoint, "the checkpoint train.resume names", EARLIER.format(path=resume.checkpoint))
         ckpt = load_checkpoint(resume.checkpoint, mmap=True)
         check_architecture(ckpt, cfg.model, resume.checkpoint, f"train.resume={cfg.train.resume}")
         saved, fingerprint = recorded_data(ckpt)

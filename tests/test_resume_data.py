@@ -272,3 +272,36 @@ def test_a_per_model_default_for_another_model_type_is_named():
                      "model.type is bigram"]
     assert inert_settings(load_config(None, [*overrides, "model.type=bigram"], env={}),
                           [*overrides, "model.type=bigram"], env={}) == []
+
+
+def test_damaged_checkpoints_never_generate_or_resume(project, trained, capsys):
+    import shutil
+
+    copy = project / "backup" / trained.name  # a copy with no manifest beside it
+    copy.parent.mkdir()
+    shutil.copy(trained, copy)
+    blob = bytearray(copy.read_bytes())
+    at = blob.index(b"data/0") + 200  # inside the first tensor's bytes
+    blob[at] ^= 0x10
+    copy.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(copy)]) == 2
+    assert "the checkpoint is corrupt" in capsys.readouterr().err
+    assert main(["resume", "--checkpoint", str(copy), "--steps", "2"]) == 2
+    assert "the checkpoint to resume is corrupt" in capsys.readouterr().err
+    trained.write_bytes(bytes(blob))  # in place: the manifest's sha256 catches it
+    assert main(["generate", "--checkpoint", str(trained)]) == 2
+    assert "sha256 differs from the manifest" in capsys.readouterr().err
+
+
+def test_verify_checks_an_imported_nanochat_model_against_its_architecture(project, capsys):
+    d = save_nanochat_with_tokenizer(project / "nanochat")
+    assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 0
+    path = ckpts(project / "imported")[0]
+    assert main(["ckpt", "verify", str(path)]) == 0
+    ckpt = load(path)
+    ckpt["hyperparameters"]["model"]["n_kv_head"] = 2  # declares 2 key/value heads; the weights have 1
+    torch.save(ckpt, project / "imported" / "edited.pt")
+    capsys.readouterr()
+    assert main(["ckpt", "verify", str(project / "imported" / "edited.pt")]) == 1
+    assert "transformer.h.0.attn.c_k.weight: checkpoint (4, 8), model (8, 8)" in capsys.readouterr().out
