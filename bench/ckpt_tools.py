@@ -5,7 +5,6 @@ checkpoint takes to verify itself (its zip CRC-32s) per GB, beside the time to r
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import statistics
 import subprocess

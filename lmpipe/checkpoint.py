@@ -217,9 +217,10 @@ def _verify_alone(path: Path, deep: bool) -> Verification:
 
 
 def require_intact(path: str | Path, what: str, fix: str) -> None:
-    """UserError unless `path` verifies (or, not being a zip archive, cannot be checked)."""
+    """UserError if `path` is corrupt (a missing file is left to load_checkpoint's "Checkpoint not
+    found" message, which the seed guide documents)."""
     v = verify_checkpoint(path)
-    if v.status in ("corrupt", "missing"):
+    if v.status == "corrupt":
         raise UserError(f"{path}: {what} is {v.status} ({v.detail}); {fix}")
 
 

@@ -368,5 +368,5 @@ def _directory(d: Path, rows: list[Row]) -> Diagnosis:
         if free < 2 * biggest:
             out.findings.append(Finding("fixable", "low disk space", [
                 f"{free / 1e6:.0f} MB free, the largest checkpoint is {biggest / 1e6:.0f} MB"],
-                f"free space, or keep fewer: -S checkpoint.keep_last=2 (retention deletes older ones)"))
+                "free space, or keep fewer: -S checkpoint.keep_last=2 (retention deletes older ones)"))
     return out

@@ -102,7 +102,7 @@ def load_checkpoint(mode: str | None = None) -> int:
         raise UserError("CHECKPOINT_PATH is not set; set it to a checkpoint file or glob, e.g. "
                         "CHECKPOINT_PATH=checkpoints/checkpoint_gpt_*_step2000_*.pt (list them with "
                         "'lmpipe ckpt list' or 'ls checkpoints/')")
-    script = os.path.relpath(sys.argv[0]) if sys.argv[0] else "scripts/load_checkpoint.py"
+    script = _shown_path(sys.argv[0] or "scripts/load_checkpoint.py")
     trains = mode == "resume"  # training_resume.py always trains
     mode = mode or os.environ.get("MODE", "") or "inference"
     if mode not in MODE_VARS:
@@ -141,6 +141,12 @@ def _resume(path: Path, script: str, dry_run: bool) -> int:
               f"python3 {script}\n(nothing was trained: MODE=resume trains only when RESUME_TRAINING_STEPS or "
               "RESUME_LEARNING_RATE is set)")
     return code
+
+
+def _shown_path(path: str) -> str:
+    """The script as the user can type it from here: relative below the working directory."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else os.path.abspath(path)
 
 
 def _env_seed(default: int) -> int:

@@ -12,15 +12,9 @@ import pytest
 from builders import save_lmpipe
 from conftest import REPO, cli_env
 from lmpipe import checkpoint
-from lmpipe.cli import main
 from lmpipe.fileio import TMP_SUFFIX
+from test_ckpt_tools import run
 from test_cli import assert_user_error
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

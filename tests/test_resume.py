@@ -3,7 +3,6 @@ schedule after a resume, asynchronous snapshots, retention, verification and opt
 import copy
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

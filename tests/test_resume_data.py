@@ -94,7 +94,7 @@ def test_guide_mode_resume_without_variables_shows_the_plan_and_trains_nothing(p
     assert seed.load_checkpoint() == 0
     out = capsys.readouterr().out
     fp = load(trained)["hyperparameters"]["data"]["fingerprint"]
-    assert f"from step 20 to step 5020 (5000 steps)" in out
+    assert "from step 20 to step 5020 (5000 steps)" in out
     assert "cosine decay from 0.0003 at step 20" in out
     assert f"data: data/corpus.md (fingerprint {fp[:12]})" in out
     assert "optimizer state: restored from the checkpoint" in out

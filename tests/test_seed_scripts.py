@@ -44,7 +44,7 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
 
     r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="resume")  # guide: "inspect"
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "from step 15 to step 5015" in r.stdout and "python3 scripts/load_checkpoint.py" in r.stdout
+    assert "from step 15 to step 5015" in r.stdout and f"python3 {REPO}/scripts/load_checkpoint.py" in r.stdout
     assert steps_in(project / "checkpoints") == [5, 10, 15]  # nothing trained
     r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="resume",
                RESUME_TRAINING_STEPS="10", RESUME_LEARNING_RATE="0.002")
