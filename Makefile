@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/lmpipe run
 
+# Two workers (the machine's 2 cores); each test file stays on one worker, so the timing-sensitive
+# fault tests run in order among themselves while the rest of the suite runs beside them.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench
