@@ -83,11 +83,11 @@ def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
 def check_new_source(ckpt: dict, new_source: str, val_fraction: float, seed: int) -> None:
     """New data must be encodable by the checkpoint's tokenizer (a char vocabulary lists the
     characters it lacks)."""
-    from lmpipe import tokenizer
+    from lmpipe.checkpoint import tokenizer_from_checkpoint
 
     corpus = data.split_corpus(new_source, val_fraction, seed, ckpt["block_size"] + 1)
     try:
-        tokenizer.from_json(ckpt["tokenizer"]).encode(corpus.text("train") + corpus.text("val"))
+        tokenizer_from_checkpoint(ckpt).encode(corpus.text("train") + corpus.text("val"))
     except UserError as e:
         raise UserError(f"{new_source}: {e}".replace("rebuild the tokenizer on data that contains them",
                                                      "train a new model on this data")) from None
