@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lmpipe.checkpointing import Checkpointer
 from lmpipe.config import CheckpointConfig, TrainConfig
-from lmpipe.training import TrainState, make_optimizer
+from lmpipe.train.loop import TrainState, make_optimizer
+from lmpipe.train.saver import Checkpointer
 
 SHAPE = dict(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False)
 
@@ -53,7 +53,7 @@ def dd_seconds(target: Path, nbytes: int) -> float:
 
 
 def main(rounds: int = 5) -> None:
-    from lmpipe.checkpoint import save_checkpoint
+    from lmpipe.ckpt.store import save_checkpoint
 
     model, opt = model_and_optimizer()
     n_params = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lmpipe import checkpoint
+from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
 from lmpipe.config import Config, ModelConfig
 from lmpipe.tokenizer import CharTokenizer
 
@@ -54,15 +54,15 @@ def main() -> None:
     try:
         small = payload(n_embd=32, n_layer=2, vocab=8, step=0)
         for step in range(1, 101):
-            checkpoint.save_checkpoint(root / "many" / checkpoint.checkpoint_filename("gpt", "bench", step),
+            save_checkpoint(root / "many" / checkpoint_filename("gpt", "bench", step),
                                        {**small, "step": step})
         times = sorted(run_measured([*LMPIPE, "ckpt", "list", str(root / "many")])[0] for _ in range(3))
         print(f"ckpt list, 100 checkpoints: {times[1]:.2f} s (median of 3; target < 2 s): ratio {times[1] / 2:.2f}")
 
-        tiny = root / "tiny" / checkpoint.checkpoint_filename("gpt", "bench", 1)
-        checkpoint.save_checkpoint(tiny, small)
-        big = root / "big" / checkpoint.checkpoint_filename("gpt", "bench", 1)
-        checkpoint.save_checkpoint(big, payload(n_embd=1024, n_layer=9, vocab=50304, step=1))
+        tiny = root / "tiny" / checkpoint_filename("gpt", "bench", 1)
+        save_checkpoint(tiny, small)
+        big = root / "big" / checkpoint_filename("gpt", "bench", 1)
+        save_checkpoint(big, payload(n_embd=1024, n_layer=9, vocab=50304, step=1))
         size = big.stat().st_size
         _, base = run_measured([*LMPIPE, "ckpt", "inspect", str(tiny), "--json"])
         _, peak = run_measured([*LMPIPE, "ckpt", "inspect", str(big), "--json"])
@@ -88,13 +88,13 @@ def read_file(path: Path, digest=None) -> None:
 def verify_speed(path: Path | None = None, rounds: int = 3) -> None:
     """selfcheck.self_check's seconds per GB beside a plain read's, alternating on the same file
     (from the page cache: a first read warms it), with the manifest's sha256 for reference."""
-    from lmpipe.selfcheck import self_check
+    from lmpipe.ckpt.selfcheck import self_check
 
     root = None
     if path is None:  # run alone: a synthetic ~660 MB checkpoint
         root = Path(tempfile.mkdtemp(prefix="lmpipe-bench-verify-"))
-        path = root / checkpoint.checkpoint_filename("gpt", "bench", 1)
-        checkpoint.save_checkpoint(path, payload(n_embd=1024, n_layer=9, vocab=50304, step=1))
+        path = root / checkpoint_filename("gpt", "bench", 1)
+        save_checkpoint(path, payload(n_embd=1024, n_layer=9, vocab=50304, step=1))
     jobs = {"verify": lambda: self_check(path), "read": lambda: read_file(path),
             "sha256": lambda: read_file(path, hashlib.sha256())}
     try:

@@ -58,7 +58,7 @@ def hf_gpt2(vocab: int):
 
 
 def steps_per_sec(model, data: torch.Tensor, steps: int, seed: int) -> float:
-    from lmpipe.training import get_batch
+    from lmpipe.train.loop import get_batch
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)

@@ -1,3 +1,3 @@
-from lmpipe.cli import main
+from lmpipe.cli.main import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from lmpipe.errors import ConfigError
+from lmpipe.common.errors import ConfigError
 from models import MODELS
 
 PARAMS_FILE = "params.yaml"

@@ -10,9 +10,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmpipe.errors import UserError
-from lmpipe.fileio import atomic_write_text
-from lmpipe.paths import PREPARED_DIR
+from lmpipe.common.errors import UserError
+from lmpipe.common.fileio import atomic_write_text
+from lmpipe.common.paths import PREPARED_DIR
 
 BUNDLED_CORPORA = Path(__file__).resolve().parent.parent / "data" / "corpus"
 TEXT_SUFFIXES = (".md", ".txt")

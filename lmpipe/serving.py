@@ -9,8 +9,8 @@ import pandas as pd
 
 class TextGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from lmpipe.checkpoint import load_for_inference
-        from lmpipe.device import pick_device
+        from lmpipe.ckpt.rebuild import load_for_inference
+        from lmpipe.common.device import pick_device
 
         # The artifact comes back from MLflow's store (a download, a copy) with no manifest beside
         # it: the file checks itself (its zip CRCs) before anything is built from it.
@@ -21,7 +21,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        from lmpipe.sampling import generate_text
+        from lmpipe.generate import generate_text
 
         p = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "seed": 1337, **(params or {})}
         prompts = model_input["prompt"] if hasattr(model_input, "columns") else model_input

@@ -11,10 +11,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lmpipe import data, tokenizer
+from lmpipe.common.errors import UserError
+from lmpipe.common.fileio import atomic_write_text, file_md5
+from lmpipe.common.paths import METRICS, REGISTERED, SAMPLES, TOKEN_STATS, TOKENIZER_DIR, TRAIN_INFO
 from lmpipe.config import Config
-from lmpipe.errors import UserError
-from lmpipe.fileio import atomic_write_text, file_md5
-from lmpipe.paths import METRICS, REGISTERED, SAMPLES, TOKEN_STATS, TOKENIZER_DIR, TRAIN_INFO
 
 FINGERPRINT = TOKENIZER_DIR / "fingerprint"  # what the tokenizer was built from (cache check)
 
@@ -38,7 +38,7 @@ def preflight(cfg: Config) -> None:
 
     Raises UserError, so a bad input stops `lmpipe run` before Prefect or MLflow start.
     """
-    from lmpipe.device import pick_device
+    from lmpipe.common.device import pick_device
 
     corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, cfg.model.block_size + 1)
     if cfg.tokenizer.kind == "char":
@@ -116,9 +116,12 @@ def _code_hash(module_file: str, fp: str) -> str:
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
     resuming.Resume) or the param train.resume ("latest" or a path) asks to resume."""
-    from lmpipe.checkpoint import EARLIER, load_checkpoint, require_intact, resolve_checkpoint
-    from lmpipe.resuming import Resume, check_architecture, recorded_data, say
-    from lmpipe.training_run import run_training
+    from lmpipe.ckpt.integrity import require_intact
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.ckpt.rebuild import EARLIER
+    from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.train.resume import Resume, check_architecture, recorded_data, say
+    from lmpipe.train.run import run_training
 
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
         resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
@@ -145,8 +148,8 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
     import torch
 
     from lmpipe import tracking
-    from lmpipe.checkpoint import load_for_inference
-    from lmpipe.device import pick_device
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from lmpipe.common.device import pick_device
     from lmpipe.evaluation import evaluate as eval_model
 
     info = _train_info(train_info)
@@ -170,9 +173,9 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
 def generate(cfg: Config, train_info: dict | None = None) -> dict:
     """Samples from the final checkpoint → outputs/samples.txt + an MLflow artifact."""
     from lmpipe import tracking
-    from lmpipe.checkpoint import load_for_inference
-    from lmpipe.device import pick_device
-    from lmpipe.sampling import generate_text
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from lmpipe.common.device import pick_device
+    from lmpipe.generate import generate_text
 
     info = _train_info(train_info)
     g = cfg.generate

@@ -15,9 +15,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from lmpipe.errors import UserError
-from lmpipe.fileio import atomic_write_text
-from lmpipe.paths import TOKENIZER_FILE
+from lmpipe.common.errors import UserError
+from lmpipe.common.fileio import atomic_write_text
+from lmpipe.common.paths import TOKENIZER_FILE
 
 FORMAT = "lmpipe-tokenizer"
 EOT = "<|endoftext|>"

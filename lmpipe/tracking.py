@@ -97,7 +97,7 @@ def git_commit() -> str:
 
 def lineage_tags(data_files: dict[str, str | Path]) -> dict[str, str]:
     """The git commit plus, for each input file, the md5 DVC records for it in dvc.lock."""
-    from lmpipe.fileio import file_md5
+    from lmpipe.common.fileio import file_md5
 
     commit = git_commit()
     tags = {"mlflow.source.git.commit": commit, "lmpipe.git_commit": commit}
@@ -141,11 +141,11 @@ def pip_requirements() -> list[str]:
 
 def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any]) -> dict:
     """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri."""
+    import warnings
+
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    import warnings
 
     root = Path(__file__).resolve().parent.parent
     signature = ModelSignature(

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""The seed guide's `python3 scripts/load_checkpoint.py`; `--help` shows its variables (lmpipe/seed.py)."""
+"""The seed guide's `python3 scripts/load_checkpoint.py`; `--help` shows its variables (lmpipe/cli/seed.py)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project root, for `lmpipe`
 
-from lmpipe.seed import main  # noqa: E402
+from lmpipe.cli.seed import main
 
 if __name__ == "__main__":
     sys.exit(main("load_checkpoint"))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from lmpipe import checkpoint
+from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
 from lmpipe.config import Config, ModelConfig, load_config
 from lmpipe.tokenizer import CharTokenizer
-from lmpipe.training import make_optimizer
+from lmpipe.train.loop import make_optimizer
 from models import build_model
 
 CHARS = sorted(set("Dear Agnes, my hedge is too tall.\n"))
@@ -44,8 +44,8 @@ def lmpipe_payload(model=None, step: int = 10, source: str = "letters", arch: di
 
 
 def save_lmpipe(directory: Path, step: int = 10, model_type: str = "gpt", source: str = "letters", **kw) -> Path:
-    path = Path(directory) / checkpoint.checkpoint_filename(model_type, source, step)
-    checkpoint.save_checkpoint(path, lmpipe_payload(step=step, source=source, **kw))
+    path = Path(directory) / checkpoint_filename(model_type, source, step)
+    save_checkpoint(path, lmpipe_payload(step=step, source=source, **kw))
     return path
 
 

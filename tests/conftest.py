@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lmpipe.common.env import apply_offline_defaults
 from lmpipe.config import ENV_VARS
-from lmpipe.env import apply_offline_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: lmpipe, dvc

@@ -3,11 +3,13 @@ import re
 import pytest
 import torch
 
-from lmpipe import checkpoint
+from lmpipe.ckpt.locate import resolve_checkpoint
+from lmpipe.ckpt.rebuild import model_from_checkpoint, tokenizer_from_checkpoint
+from lmpipe.ckpt.store import checkpoint_filename, load_checkpoint, parse_filename, save_checkpoint
+from lmpipe.common.errors import UserError
 from lmpipe.config import load_config
-from lmpipe.errors import UserError
 from lmpipe.tokenizer import CharTokenizer
-from lmpipe.training import make_optimizer
+from lmpipe.train.loop import make_optimizer
 from models import build_model
 
 
@@ -27,55 +29,55 @@ def _payload(step=10):
 def test_filename_follows_the_seed_format():
     from datetime import datetime
 
-    name = checkpoint.checkpoint_filename("bigram", "carolyn_hax", 500, datetime(2025, 11, 10, 23, 15, 0))
+    name = checkpoint_filename("bigram", "carolyn_hax", 500, datetime(2025, 11, 10, 23, 15, 0))
     assert name == "checkpoint_bigram_carolyn_hax_step0500_11102025_231500.pt"
-    assert checkpoint.parse_filename(name)["step"] == 500
+    assert parse_filename(name)["step"] == 500
 
 
 def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     model, opt, payload = _payload()
     path = tmp_path / "c.pt"
-    entry = checkpoint.save_checkpoint(path, payload)
+    entry = save_checkpoint(path, payload)
     assert entry["size"] == path.stat().st_size and entry["step"] == 10
     raw = torch.load(path, weights_only=True)  # safe loading works on the raw file
     for key in ("model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size", "block_size",
                 "batch_size", "step", "tokenizer", "format_version"):
         assert key in raw
-    loaded = checkpoint.load_checkpoint(path)
+    loaded = load_checkpoint(path)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded["model_state_dict"][k])
     for pid, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             assert torch.equal(v, loaded["optimizer_state_dict"]["state"][pid][k])
     assert loaded["hyperparameters"] == payload["hyperparameters"]
-    rebuilt = checkpoint.model_from_checkpoint(loaded)
+    rebuilt = model_from_checkpoint(loaded)
     x = torch.randint(0, 5, (1, 8))
     assert torch.equal(rebuilt(x)[0], model.eval()(x)[0])
-    assert checkpoint.tokenizer_from_checkpoint(loaded).decode([0, 4]) == "ae"
+    assert tokenizer_from_checkpoint(loaded).decode([0, 4]) == "ae"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.json", "c.pt"]  # no temporary left
 
 
 def test_compiled_model_prefixes_are_stripped(tmp_path):
     _, _, payload = _payload()
     payload["model_state_dict"] = {f"_orig_mod.{k}": v for k, v in payload["model_state_dict"].items()}
-    checkpoint.save_checkpoint(tmp_path / "c.pt", payload)
+    save_checkpoint(tmp_path / "c.pt", payload)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in raw["model_state_dict"])
 
 
 def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="Checkpoint not found"):
-        checkpoint.load_checkpoint(tmp_path / "nope.pt")
+        load_checkpoint(tmp_path / "nope.pt")
     _, _, payload = _payload()
     path = tmp_path / "c.pt"
-    checkpoint.save_checkpoint(path, payload)
+    save_checkpoint(path, payload)
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="corrupted"):
-        checkpoint.load_checkpoint(tmp_path / "cut.pt")
+        load_checkpoint(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="Checkpoint does not contain model_state_dict"):
-        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
+        load_checkpoint(tmp_path / "foreign.pt")
 
 
 def test_latest_and_glob_resolution(tmp_path):
@@ -83,11 +85,11 @@ def test_latest_and_glob_resolution(tmp_path):
     import time
 
     _, _, payload = _payload()
-    names = [checkpoint.checkpoint_filename("gpt", "x", s) for s in (10, 20)]
+    names = [checkpoint_filename("gpt", "x", s) for s in (10, 20)]
     for i, n in enumerate(names):
-        checkpoint.save_checkpoint(tmp_path / n, payload)
+        save_checkpoint(tmp_path / n, payload)
         os.utime(tmp_path / n, (time.time() + i, time.time() + i))
-    assert checkpoint.resolve_checkpoint("latest", tmp_path).name == names[1]
-    assert re.search("step0010", checkpoint.resolve_checkpoint(str(tmp_path / "*step0010*"), tmp_path).name)
+    assert resolve_checkpoint("latest", tmp_path).name == names[1]
+    assert re.search("step0010", resolve_checkpoint(str(tmp_path / "*step0010*"), tmp_path).name)
     with pytest.raises(UserError, match="no checkpoints in"):
-        checkpoint.resolve_checkpoint("latest", tmp_path / "empty")
+        resolve_checkpoint("latest", tmp_path / "empty")

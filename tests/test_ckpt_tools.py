@@ -5,11 +5,14 @@ import sys
 
 import pytest
 import torch
-
 from builders import ARCH, CHARS, lmpipe_payload, save_lmpipe, tiny_model
 from conftest import cli_env
-from lmpipe import checkpoint
-from lmpipe.cli import main
+
+from lmpipe.ckpt.manifest import update_manifest
+from lmpipe.ckpt.payload import FORMAT_VERSION
+from lmpipe.ckpt.rebuild import load_for_inference
+from lmpipe.ckpt.store import checkpoint_filename, load_checkpoint, save_checkpoint
+from lmpipe.cli.main import main
 
 
 def run(capsys, *argv):
@@ -53,7 +56,7 @@ def test_inspect_describes_everything(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "inspect", "latest", "--json")
     d = json.loads(out)
     model = tiny_model({**ARCH, "type": "bigram"})
-    assert code == 0 and d["format"] == "lmpipe" and d["step"] == 30 and d["format_version"] == checkpoint.FORMAT_VERSION
+    assert code == 0 and d["format"] == "lmpipe" and d["step"] == 30 and d["format_version"] == FORMAT_VERSION
     assert d["total_params"] == sum(p.numel() for p in model.parameters())
     assert d["tensors"][0] == {"name": "token_embedding_table.weight", "shape": [len(CHARS), len(CHARS)],
                                "dtype": "float32", "params": len(CHARS) ** 2}
@@ -69,7 +72,7 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
     inspect say when the last evaluation was instead of showing its loss as the checkpoint's."""
     from lmpipe.config import load_config
     from lmpipe.tokenizer import CharTokenizer
-    from lmpipe.training import Callbacks, TrainState, make_optimizer, train
+    from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
     from models import build_model
 
     cfg = load_config(None, ["train.steps=40", "train.eval_interval=10", "train.batch_size=4",
@@ -80,7 +83,7 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
 
     def save(step, st):  # what training_run's save writes: weights, optimizer, state, st.metrics()
         arch = {**ARCH, "type": "bigram"}
-        checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("bigram", "stopped", step), {
+        save_checkpoint(ckdir / checkpoint_filename("bigram", "stopped", step), {
             **lmpipe_payload(step=step, source="stopped", arch=arch), "metrics": st.metrics(),
             "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
             "train_state": st.to_dict()})
@@ -112,10 +115,10 @@ def test_verify_reports_each_problem(ckdir, capsys):
     # NaN in a weight, NaN in optimizer state, optimizer state of the wrong shape: all written with valid manifests
     nan = lmpipe_payload(step=40)
     nan["model_state_dict"]["transformer.wpe.weight"][0, 0] = float("nan")
-    checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "nan", 40), nan)
+    save_checkpoint(ckdir / checkpoint_filename("gpt", "nan", 40), nan)
     bad_opt = lmpipe_payload(step=50)
     bad_opt["optimizer_state_dict"]["state"][0]["exp_avg"] = torch.zeros(3, 3)
-    checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "opt", 50), bad_opt)
+    save_checkpoint(ckdir / checkpoint_filename("gpt", "opt", 50), bad_opt)
     flipped = sorted(ckdir.glob("*step0010*"))[0]
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -130,7 +133,7 @@ def test_verify_reports_each_problem(ckdir, capsys):
     # weights that do not fit the hyperparameters the file declares (an edited file)
     edited = lmpipe_payload(step=60)
     edited["hyperparameters"]["model"]["n_embd"] = 16
-    entry = checkpoint.save_checkpoint(ckdir / checkpoint.checkpoint_filename("gpt", "edited", 60), edited)
+    entry = save_checkpoint(ckdir / checkpoint_filename("gpt", "edited", 60), edited)
     code, out, _ = run(capsys, "ckpt", "verify", str(ckdir / entry["file"]))
     assert code == 1 and "architecture: weights do not fit the architecture it declares" in out
     code, out, _ = run(capsys, "ckpt", "doctor", str(ckdir / entry["file"]))
@@ -142,7 +145,7 @@ def test_diff_norms_and_shapes(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "diff", str(a), str(a), "--json")
     d = json.loads(out)
     assert code == 0 and d["relative_change"] == 0 and d["identical"] == len(d["changes"])
-    checkpoint.save_checkpoint(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt",
+    save_checkpoint(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt",
                                lmpipe_payload(model=tiny_model({**ARCH, "n_embd": 16}, seed=5), step=20,
                                               arch={**ARCH, "n_embd": 16}))
     d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt"),
@@ -151,9 +154,9 @@ def test_diff_norms_and_shapes(ckdir, capsys):
     assert {"name": "transformer.wte.weight", "a": [len(CHARS), 8], "b": [len(CHARS), 16]} in d["reshaped"]
     # same shapes, different weights: the per-tensor norms are the exact ‖B−A‖
     payload = lmpipe_payload(step=99)
-    payload["model_state_dict"] = {k: v.clone() for k, v in checkpoint.load_checkpoint(a)["model_state_dict"].items()}
+    payload["model_state_dict"] = {k: v.clone() for k, v in load_checkpoint(a)["model_state_dict"].items()}
     payload["model_state_dict"]["transformer.wpe.weight"] += 0.5
-    checkpoint.save_checkpoint(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt", payload)
+    save_checkpoint(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt", payload)
     d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt"),
                        "--json")[1])
     top = d["changes"][0]
@@ -170,7 +173,7 @@ def test_export_safetensors_roundtrip(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "export", str(src), "--format", "safetensors", "--out", "exported")
     assert code == 0
     weights = load_file("exported/model.safetensors")
-    saved = checkpoint.load_checkpoint(src)["model_state_dict"]
+    saved = load_checkpoint(src)["model_state_dict"]
     assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
     config = json.loads((ckdir.parent / "exported" / "config.json").read_text())
     assert config["architecture"]["n_embd"] == 8 and config["step"] == 10
@@ -188,7 +191,7 @@ def test_export_hf_matches_logits(ckdir, capsys):
 
     src = sorted(ckdir.glob("checkpoint_gpt_*"))[0]
     assert run(capsys, "ckpt", "export", str(src), "--format", "hf", "--out", "hf")[0] == 0
-    _, ours, tok = checkpoint.load_for_inference(src)
+    _, ours, tok = load_for_inference(src)
     theirs = GPT2LMHeadModel.from_pretrained(ckdir.parent / "hf").eval()
     ids = torch.tensor([tok.encode("Dear Agnes, my")])  # within block_size
     with torch.no_grad():
@@ -221,7 +224,7 @@ def test_doctor_falls_back_only_within_the_lineage(project, capsys):
     assert ("no earlier checkpoint of its lineage (model gpt, source dear_agnes, MLflow run run-a) "
             "verifies") in out and "fix: retrain" in out
     # its run unknown (no manifest entry): same model and source at an earlier step, said so
-    checkpoint._update_manifest(d, lambda m: m.pop(damaged.name))
+    update_manifest(d, lambda m: m.pop(damaged.name))
     code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))
     assert code == 3 and f"the last verified earlier checkpoint: {other_run}" in out
     assert "its lineage could not be confirmed" in out and str(other_source) not in out

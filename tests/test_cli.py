@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import BIN, cli_env
 
 
@@ -22,7 +21,7 @@ def assert_user_error(r, *needles):
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys; from lmpipe.cli import build_parser; build_parser().format_help(); "
+    code = ("import sys; from lmpipe.cli.main import build_parser; build_parser().format_help(); "
             "print(sorted(m for m in ('torch','mlflow','prefect','transformers','pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

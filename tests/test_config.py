@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
+from lmpipe.common.errors import ConfigError
 from lmpipe.config import ENV_VARS, Config, config_from_dict, load_config
-from lmpipe.errors import ConfigError
 from models import MODELS
 
 
@@ -132,7 +132,8 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
 
 def test_config_command_prints_the_resolved_values(capsys):
     from conftest import REPO
-    from lmpipe.cli import main
+
+    from lmpipe.cli.main import main
 
     assert main(["config", "--params", str(REPO / "params.yaml"), "-S", "model.type=bigram"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -1,7 +1,7 @@
 import pytest
 
 from lmpipe import data
-from lmpipe.errors import UserError
+from lmpipe.common.errors import UserError
 
 
 def test_normalisation_bom_crlf_nfc(tmp_path):

@@ -11,11 +11,15 @@ import mlflow
 import pytest
 import torch
 import yaml
-
 from conftest import BIN, cli_env
-from lmpipe import checkpoint, stages
+
+from lmpipe import stages
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.locate import latest_verified
+from lmpipe.ckpt.manifest import read_manifest
+from lmpipe.ckpt.store import list_checkpoints, load_checkpoint, parse_filename
 from lmpipe.config import load_config
-from lmpipe.schedule import Schedule
+from lmpipe.train.schedule import Schedule
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +59,7 @@ def run(project, *args, preexec=None, ok=True):
 def wait_for_step(directory: Path, step: int, proc, timeout=120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(e["step"] >= step for e in checkpoint.read_manifest(directory).values()):
+        if any(e["step"] >= step for e in read_manifest(directory).values()):
             return
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.005)
@@ -63,9 +67,9 @@ def wait_for_step(directory: Path, step: int, proc, timeout=120) -> None:
 
 
 def final_checkpoint(directory: Path, step: int) -> dict:
-    found = [p for p in checkpoint.list_checkpoints(directory) if checkpoint.parse_filename(p)["step"] == step]
+    found = [p for p in list_checkpoints(directory) if parse_filename(p)["step"] == step]
     assert found, f"no step-{step} checkpoint in {directory}"
-    return checkpoint.load_checkpoint(found[-1])
+    return load_checkpoint(found[-1])
 
 
 def assert_same_training(a: dict, b: dict) -> None:
@@ -88,7 +92,7 @@ def per_step_losses(project, run_id) -> dict[int, float]:
 def assert_clean(directory: Path) -> None:
     assert not list(directory.glob(".*.tmp")), "a temporary was left behind"
     for p in directory.glob("*.pt"):
-        assert checkpoint.verify_checkpoint(p).ok, p
+        assert verify_checkpoint(p).ok, p
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -100,7 +104,7 @@ def test_sigkill_then_resume_is_bit_exact(fault_project, kind):
     wait_for_step(fault_project / "run", 100, p)
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
-    assert checkpoint.parse_filename(checkpoint.latest_verified(fault_project / "run"))["step"] < 300
+    assert parse_filename(latest_verified(fault_project / "run"))["step"] < 300
     run(fault_project, "resume", "--checkpoint", "latest", "-S", "checkpoint.dir=run")
     resumed = final_checkpoint(fault_project / "run", 300)
 
@@ -122,13 +126,13 @@ def test_signal_saves_a_verified_checkpoint_and_says_how_to_resume(fault_project
     step = int(line.split(" at step ")[1].split(";")[0])
     path = Path(line.split("saved and verified ")[1])
     assert "Traceback" not in err and f"lmpipe resume --checkpoint {path}" in err
-    assert checkpoint.verify_checkpoint(fault_project / path).ok
-    assert checkpoint.load_checkpoint(fault_project / path)["step"] == step
+    assert verify_checkpoint(fault_project / path).ok
+    assert load_checkpoint(fault_project / path)["step"] == step
     row = next(ln for ln in run(fault_project, "ckpt", "list")[1].splitlines() if path.name in ln)
     assert f"— (last eval at step {(step - 1) // 50 * 50})" in row  # saved without evaluating
     assert_clean(fault_project / "checkpoints")
     run(fault_project, "resume", "--checkpoint", str(path), "--steps", "5")
-    assert checkpoint.parse_filename(checkpoint.latest_verified(fault_project / "checkpoints"))["step"] == step + 5
+    assert parse_filename(latest_verified(fault_project / "checkpoints"))["step"] == step + 5
 
 
 def test_second_sigint_abandons_the_save_without_a_partial_file(fault_project):
@@ -140,7 +144,7 @@ def test_second_sigint_abandons_the_save_without_a_partial_file(fault_project):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     assert_clean(fault_project / "checkpoints")
-    assert checkpoint.latest_verified(fault_project / "checkpoints")
+    assert latest_verified(fault_project / "checkpoints")
 
 
 def test_file_size_limit_fails_writes_cleanly(fault_project):
@@ -167,8 +171,8 @@ def test_small_disk_skips_saves_and_keeps_training(fault_project):
     mb = (size * 2 + (3 << 20)) // (1 << 20) + 1  # room for two checkpoints plus the margin, not three
     script = (f"mount -t tmpfs -o size={mb}m tmpfs checkpoints && "
               f"{BIN / 'lmpipe'} stage train -S model.n_embd=128 -S train.steps=200; echo rc=$?; "
-              f"ls -a checkpoints; {BIN / 'python'} -c \"from lmpipe import checkpoint as c; "
-              "print('verified', sorted(c.verify_checkpoint(p).status for p in c.list_checkpoints('checkpoints')))\"")
+              f"ls -a checkpoints; {BIN / 'python'} -c \"from lmpipe.ckpt import integrity as i, store as s; "
+              "print('verified', sorted(i.verify_checkpoint(p).status for p in s.list_checkpoints('checkpoints')))\"")
     (fault_project / "checkpoints").mkdir()
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=fault_project, env=cli_env(),
                        capture_output=True, text=True, timeout=300)
@@ -191,10 +195,10 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
     kills = during_save = resumes = 0
 
     def newest_step() -> int:
-        return max((e["step"] for e in checkpoint.read_manifest(ckdir).values()), default=0)
+        return max((e["step"] for e in read_manifest(ckdir).values()), default=0)
 
     while True:
-        have = bool(checkpoint.list_checkpoints(ckdir))
+        have = bool(list_checkpoints(ckdir))
         resumes += have
         p = start(fault_project, *(["resume", "--checkpoint", "latest"] if have else ["stage", "train"]), *over)
         if kills >= 20:
@@ -220,7 +224,7 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
         if p.returncode == 0:
             break
         if have:  # a kill, even during rotation, never leaves zero valid checkpoints
-            assert checkpoint.latest_verified(ckdir)
+            assert latest_verified(ckdir)
     assert kills >= 20 and during_save >= 3 and resumes >= 20, (kills, during_save, resumes)
     assert_same_training(ref, final_checkpoint(ckdir, 200))
     assert_clean(ckdir)
@@ -240,13 +244,13 @@ def test_resume_options_end_to_end(fault_project):
     assert (fault_project / "data/prepared/train.txt").read_text() == before  # nothing was written
 
     # A fresh optimizer with a re-warmup: the first resumed step runs at 1/K of the checkpoint's LR.
-    ckpt = checkpoint.load_checkpoint(checkpoint.latest_verified(ckdir))
+    ckpt = load_checkpoint(latest_verified(ckdir))
     lr40 = Schedule.from_dict(ckpt["train_state"]["schedule"]).lr_at(40)
     run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer", "--warmup", "5")
     mlflow.set_tracking_uri(f"sqlite:///{fault_project}/mlruns/mlflow.db")
     lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
     assert lrs[41] == pytest.approx(lr40 / 5) and lrs[45] == pytest.approx(lr40)
-    assert checkpoint.parse_filename(checkpoint.latest_verified(ckdir))["step"] == 50
+    assert parse_filename(latest_verified(ckdir))["step"] == 50
 
     # --lr restarts the decay from that peak.
     run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--lr", "0.005")

@@ -7,10 +7,20 @@ import pickle
 
 import pytest
 import torch
+from builders import (
+    CHARS,
+    lmpipe_payload,
+    save_hf,
+    save_lightning,
+    save_lmpipe,
+    save_nanochat,
+    save_nanogpt,
+)
 
-from builders import CHARS, lmpipe_payload, save_hf, save_lightning, save_lmpipe, save_nanochat, save_nanogpt
-from lmpipe import checkpoint
-from lmpipe.cli import main
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.rebuild import load_for_inference
+from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
+from lmpipe.cli.main import main
 
 
 def run(capsys, *argv):
@@ -96,7 +106,7 @@ def test_doctor_corrupted_optimizer_mismatch_and_tokenizer(project, capsys):
     assert run(capsys, "ckpt", "doctor", str(second))[0] == 4
     bad = lmpipe_payload(step=30)
     bad["optimizer_state_dict"]["state"][2]["exp_avg_sq"][0] = float("nan")
-    opt = checkpoint.save_checkpoint(d / checkpoint.checkpoint_filename("gpt", "letters", 30), bad)
+    opt = save_checkpoint(d / checkpoint_filename("gpt", "letters", 30), bad)
     code, out, _ = run(capsys, "ckpt", "doctor", str(d / opt["file"]))
     assert code == 3 and f"--checkpoint {d / opt['file']} --no-optimizer --warmup 100" in out
     # a conflicting architecture, forced on the command line
@@ -121,11 +131,11 @@ def test_import_nanogpt_then_generate(zoo, capsys):
     code, out, _ = run(capsys, "ckpt", "import", "nanogpt/out/ckpt.pt", "--out", "imported")
     assert code == 0
     path = next((zoo / "imported").glob("checkpoint_gpt_shakespeare_char_step0250_*.pt"))
-    ckpt, model, tok = checkpoint.load_for_inference(path)
+    ckpt, model, tok = load_for_inference(path)
     original = torch.load("nanogpt/out/ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(v, original["_orig_mod." + k]) for k, v in model.state_dict().items())
     assert tok.chars == CHARS and ckpt["hyperparameters"]["model"]["bias"] is True
-    assert ckpt["hyperparameters"]["train"]["lr"] == 1e-3 and checkpoint.verify_checkpoint(path).ok
+    assert ckpt["hyperparameters"]["train"]["lr"] == 1e-3 and verify_checkpoint(path).ok
     code, out, err = run(capsys, "generate", "--checkpoint", str(path), "--prompt", "Dear", "--max-new-tokens", "12")
     assert code == 0 and out.startswith("Dear") and len(out.strip()) == 4 + 12
     assert "step 250" in err
@@ -163,7 +173,7 @@ def test_malicious_pickles_never_run(project, capsys):
 
 def test_sampling_never_emits_padded_vocabulary_ids():
     """nanoGPT pads GPT-2's 50257 tokens to 50304 rows: ids the tokenizer lacks are never sampled."""
-    from lmpipe.sampling import sample
+    from lmpipe.generate import sample
     from models import build_model
 
     model = build_model({"type": "bigram", "vocab_size": 30, "block_size": 8})
@@ -179,8 +189,8 @@ def test_resume_refuses_a_conflicting_architecture(project):
     """train.resume (the DVC param) with other model.* values would train the checkpoint's architecture
     while recording the new one: refused, with the values that match."""
     from lmpipe import stages
+    from lmpipe.common.errors import UserError
     from lmpipe.config import load_config
-    from lmpipe.errors import UserError
 
     path = save_lmpipe(project / "checkpoints", 10)
     cfg = load_config("params.yaml", ["train.resume=latest", "model.n_layer=2", "model.n_embd=16", "model.n_head=2"])

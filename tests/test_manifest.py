@@ -8,13 +8,15 @@ import sys
 import tempfile
 
 import pytest
-
 from builders import save_lmpipe
 from conftest import REPO, cli_env
-from lmpipe import checkpoint
-from lmpipe.fileio import TMP_SUFFIX
 from test_ckpt_tools import run
 from test_cli import assert_user_error
+
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.manifest import MANIFEST, OLD_MANIFEST, read_manifest
+from lmpipe.ckpt.store import delete_checkpoint, list_checkpoints
+from lmpipe.common.fileio import TMP_SUFFIX
 
 
 @pytest.fixture
@@ -26,7 +28,7 @@ def ckdir(project):
 
 
 def newest(d):
-    return checkpoint.list_checkpoints(d)[-1]
+    return list_checkpoints(d)[-1]
 
 
 def test_ls_sort_tail_gives_the_newest_checkpoint(ckdir):
@@ -34,7 +36,7 @@ def test_ls_sort_tail_gives_the_newest_checkpoint(ckdir):
     # a temporary of an interrupted save stays out of `ls` too
     fd, _ = tempfile.mkstemp(dir=ckdir, prefix=f".{newest(ckdir).name}.", suffix=TMP_SUFFIX)
     os.close(fd)
-    assert (ckdir / checkpoint.MANIFEST).exists()
+    assert (ckdir / MANIFEST).exists()
     listed = subprocess.run(["ls", "checkpoints/"], capture_output=True, text=True).stdout.split()
     assert listed and all(n.startswith("checkpoint_") and n.endswith(".pt") for n in listed)
     script = ("CHECKPOINT=$(ls checkpoints/ | sort | tail -1); echo \"$CHECKPOINT\" >&2; "
@@ -46,13 +48,13 @@ def test_ls_sort_tail_gives_the_newest_checkpoint(ckdir):
     assert r.stderr.splitlines()[0] == newest(ckdir).name and r.stdout.startswith("Dear")
 
 
-@pytest.mark.parametrize("name", [checkpoint.MANIFEST, checkpoint.OLD_MANIFEST, "backup.json"])
+@pytest.mark.parametrize("name", [MANIFEST, OLD_MANIFEST, "backup.json"])
 def test_a_manifest_passed_as_a_checkpoint_says_what_to_pass(ckdir, capsys, name):
     """Either name, or any JSON file that is a manifest: one line, never 'corrupted'."""
-    if name != checkpoint.MANIFEST:
-        shutil.copy(ckdir / checkpoint.MANIFEST, ckdir / name)
-        if name == checkpoint.OLD_MANIFEST:  # as an earlier version left the directory
-            (ckdir / checkpoint.MANIFEST).unlink()
+    if name != MANIFEST:
+        shutil.copy(ckdir / MANIFEST, ckdir / name)
+        if name == OLD_MANIFEST:  # as an earlier version left the directory
+            (ckdir / MANIFEST).unlink()
     path = f"checkpoints/{name}"
     said = (f"{path} is lmpipe's checkpoint manifest (the integrity record of the checkpoints in "
             "checkpoints/), not a checkpoint; pass one of them, "
@@ -76,21 +78,21 @@ def test_a_manifest_passed_as_a_checkpoint_says_what_to_pass(ckdir, capsys, name
 
 def test_manifest_without_checkpoints_says_to_train(project, capsys):
     d = project / "checkpoints"
-    checkpoint.delete_checkpoint(save_lmpipe(d, 10))  # leaves a manifest with no entries
-    code, _, err = run(capsys, "generate", "--checkpoint", f"checkpoints/{checkpoint.MANIFEST}")
+    delete_checkpoint(save_lmpipe(d, 10))  # leaves a manifest with no entries
+    code, _, err = run(capsys, "generate", "--checkpoint", f"checkpoints/{MANIFEST}")
     assert code == 2 and "there are no checkpoints in checkpoints/ yet" in err
 
 
 def test_an_earlier_versions_manifest_is_read_then_migrated(ckdir, capsys):
-    (ckdir / checkpoint.MANIFEST).rename(ckdir / checkpoint.OLD_MANIFEST)
-    first = checkpoint.list_checkpoints(ckdir)[0]
-    v = checkpoint.verify_checkpoint(first)
+    (ckdir / MANIFEST).rename(ckdir / OLD_MANIFEST)
+    first = list_checkpoints(ckdir)[0]
+    v = verify_checkpoint(first)
     assert v.ok and v.detail == ""  # checked against the old manifest's sha256
-    names = {p.name for p in checkpoint.list_checkpoints(ckdir)}
-    assert set(checkpoint.read_manifest(ckdir)) == names
+    names = {p.name for p in list_checkpoints(ckdir)}
+    assert set(read_manifest(ckdir)) == names
     rows = json.loads(run(capsys, "ckpt", "list", "--json")[1])
     assert [r["verified"] for r in rows] == ["ok"] * 3 and {r["run_id"] for r in rows} == {"r1"}
     save_lmpipe(ckdir, 3000, source="dear_agnes", run_id="r1")  # the next write migrates
-    assert not (ckdir / checkpoint.OLD_MANIFEST).exists()
-    entries = json.loads((ckdir / checkpoint.MANIFEST).read_text())["checkpoints"]
-    assert len(entries) == 4 and checkpoint.verify_checkpoint(first).ok
+    assert not (ckdir / OLD_MANIFEST).exists()
+    entries = json.loads((ckdir / MANIFEST).read_text())["checkpoints"]
+    assert len(entries) == 4 and verify_checkpoint(first).ok

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmpipe.config import MODEL_TYPES
-from lmpipe.sampling import sample
+from lmpipe.generate import sample
 from models import MODELS, build_model
 
 TINY = {"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 8, "dropout": 0.1, "bias": True}

@@ -10,10 +10,10 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-
 from conftest import BIN, REPO, cli_env
+
+from lmpipe.common.fileio import file_md5
 from lmpipe.config import load_config
-from lmpipe.fileio import file_md5
 
 pytestmark = pytest.mark.slow
 NAME_RE = re.compile(r"^checkpoint_gpt_corpus_step(\d{4})_\d{8}_\d{6}\.pt$")
@@ -89,8 +89,8 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     for item in ("dvc.yaml", "lmpipe", "models", ".dvcignore"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    from conftest import TINY_PARAMS, tiny_corpus
     import yaml
+    from conftest import TINY_PARAMS, tiny_corpus
 
     (repo / "data").mkdir()
     (repo / "data" / "corpus.md").write_text(tiny_corpus())

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import checkpoint
-from lmpipe.checkpointing import Checkpointer
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.locate import resolve_checkpoint
+from lmpipe.ckpt.manifest import read_manifest
+from lmpipe.ckpt.rebuild import check_optimizer_state, model_from_checkpoint
+from lmpipe.ckpt.store import load_checkpoint, save_checkpoint
+from lmpipe.common.errors import UserError
 from lmpipe.config import load_config
-from lmpipe.errors import UserError
-from lmpipe.schedule import Schedule
-from lmpipe.training import Callbacks, TrainState, make_optimizer, train
+from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
+from lmpipe.train.saver import Checkpointer
+from lmpipe.train.schedule import Schedule
 from models import build_model
 
 DATA = torch.tensor([(i * 7 + i // 13) % 11 for i in range(800)])
@@ -60,11 +64,11 @@ def test_resume_through_a_checkpoint_file_is_bit_exact(kind, tmp_path):
     # the signal path: stop after step 12 of the 24-step plan, then save
     state = train(half, opt_h, DATA, DATA, cfg.train, 8, "cpu", Callbacks(should_stop=lambda: state.step >= 12), state)
     assert state.step == 12
-    checkpoint.save_checkpoint(tmp_path / "c.pt", _payload(half, opt_h, state, cfg))
+    save_checkpoint(tmp_path / "c.pt", _payload(half, opt_h, state, cfg))
 
     torch.manual_seed(999), random.seed(999), np.random.seed(999)  # a new process' RNGs
-    ckpt = checkpoint.load_checkpoint(tmp_path / "c.pt")
-    model = checkpoint.model_from_checkpoint(ckpt).train()
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    model = model_from_checkpoint(ckpt).train()
     opt2 = make_optimizer(model, cfg.train)
     opt2.load_state_dict(ckpt["optimizer_state_dict"])
     resumed = train(model, opt2, DATA, DATA, cfg.train, 8, "cpu", state=TrainState.from_dict(ckpt["train_state"]))
@@ -102,9 +106,9 @@ def test_async_save_is_isolated_from_later_weight_changes(tmp_path):
         for p in model.parameters():
             p.add_(1.0)  # right after save() returns
     ck.wait()
-    saved = checkpoint.load_checkpoint(ck.saved[0])["model_state_dict"]
+    saved = load_checkpoint(ck.saved[0])["model_state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in expected.items())
-    assert checkpoint.verify_checkpoint(ck.saved[0]).ok
+    assert verify_checkpoint(ck.saved[0]).ok
 
 
 def test_retention_keeps_last_best_milestones_and_protected(tmp_path):
@@ -126,7 +130,7 @@ def test_retention_keeps_last_best_milestones_and_protected(tmp_path):
     left = sorted(int(p.name.split("_step")[1][:4]) for p in tmp_path.glob("*.pt"))
     # protected 10, best 20, milestone 40, last two 60 and 70; the other run's step 5 is untouched
     assert left == [5, 10, 20, 40, 60, 70]
-    assert set(checkpoint.read_manifest(tmp_path)) == {p.name for p in tmp_path.glob("*.pt")}
+    assert set(read_manifest(tmp_path)) == {p.name for p in tmp_path.glob("*.pt")}
 
 
 def test_keep_best_ranks_only_val_losses_measured_at_the_checkpoint_step(tmp_path):
@@ -146,7 +150,7 @@ def test_keep_best_ranks_only_val_losses_measured_at_the_checkpoint_step(tmp_pat
 
 
 def test_val_step_travels_with_the_training_state_and_older_states_load():
-    from lmpipe.training_run import logged_metrics
+    from lmpipe.train.run import logged_metrics
 
     state = TrainState.fresh(_cfg().train)
     state.step, state.last_val_loss, state.last_val_step = 25, 1.0, 20
@@ -175,9 +179,9 @@ def test_corrupt_newest_is_reported_skipped_and_kept(tmp_path, capsys):
     raw[len(raw) // 2] ^= 0x01  # one flipped bit
     paths[2].write_bytes(raw)
     paths[1].write_bytes(paths[1].read_bytes()[:-100])  # truncated
-    assert checkpoint.verify_checkpoint(paths[2]).status == "corrupt"
-    assert "truncated" in checkpoint.verify_checkpoint(paths[1]).detail
-    assert checkpoint.resolve_checkpoint("latest", tmp_path) == paths[0]
+    assert verify_checkpoint(paths[2]).status == "corrupt"
+    assert "truncated" in verify_checkpoint(paths[1]).detail
+    assert resolve_checkpoint("latest", tmp_path) == paths[0]
     err = capsys.readouterr().err
     assert "skipping corrupt checkpoint" in err and paths[2].name in err and "kept in place" in err
     assert paths[2].exists() and paths[1].exists()
@@ -192,10 +196,10 @@ def test_missing_step_resolves_to_nearest_earlier(tmp_path, capsys):
         state = TrainState.fresh(cfg.train)
         state.step = step
         ck.save(tmp_path / f"checkpoint_bigram_x_step{step:04d}_01012026_000000.pt", _payload(model, opt, state, cfg))
-    assert "step0100" in checkpoint.resolve_checkpoint("latest", tmp_path, step=150).name
+    assert "step0100" in resolve_checkpoint("latest", tmp_path, step=150).name
     assert "no checkpoint at step 150; using step 100" in capsys.readouterr().err
     with pytest.raises(UserError, match="available steps: 100, 200"):
-        checkpoint.resolve_checkpoint("latest", tmp_path, step=50)
+        resolve_checkpoint("latest", tmp_path, step=50)
 
 
 def test_incompatible_or_broken_optimizer_state_is_refused(tmp_path):
@@ -205,17 +209,17 @@ def test_incompatible_or_broken_optimizer_state_is_refused(tmp_path):
     model(DATA[:8].view(1, 8), DATA[1:9].view(1, 8))[1].backward()
     opt.step()
     ckpt = {"optimizer_state_dict": opt.state_dict()}
-    checkpoint.check_optimizer_state(ckpt, make_optimizer(model, cfg.train), "c.pt")  # compatible
+    check_optimizer_state(ckpt, make_optimizer(model, cfg.train), "c.pt")  # compatible
     broken = copy.deepcopy(opt.state_dict())  # state_dict() shares the optimizer's own state dicts
     broken["state"][0]["exp_avg"] = torch.zeros(3, 3)
     with pytest.raises(UserError, match=r"has shape \(3, 3\).*--no-optimizer --warmup K"):
-        checkpoint.check_optimizer_state({"optimizer_state_dict": broken}, make_optimizer(model, cfg.train), "c.pt")
+        check_optimizer_state({"optimizer_state_dict": broken}, make_optimizer(model, cfg.train), "c.pt")
     nan = copy.deepcopy(opt.state_dict())
     nan["state"][1]["exp_avg_sq"] = nan["state"][1]["exp_avg_sq"].clone().fill_(math.nan)
     with pytest.raises(UserError, match="NaN or Inf"):
-        checkpoint.check_optimizer_state({"optimizer_state_dict": nan}, make_optimizer(model, cfg.train), "c.pt")
+        check_optimizer_state({"optimizer_state_dict": nan}, make_optimizer(model, cfg.train), "c.pt")
     with pytest.raises(UserError, match="no optimizer state"):
-        checkpoint.check_optimizer_state({}, make_optimizer(model, cfg.train), "c.pt")
+        check_optimizer_state({}, make_optimizer(model, cfg.train), "c.pt")
 
 
 def test_stale_temporaries_are_cleaned_at_start(tmp_path, capsys):

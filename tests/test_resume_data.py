@@ -6,12 +6,12 @@ import json
 import mlflow
 import pytest
 import torch
-
 from builders import CHARS, save_nanogpt
-from lmpipe import seed
-from lmpipe.cli import main
+
+from lmpipe.cli import seed
+from lmpipe.cli.main import main
 from lmpipe.config import inert_settings, load_config
-from lmpipe.schedule import Schedule
+from lmpipe.train.schedule import Schedule
 
 NO_LOGGED_MODELS = ["-S", "tracking.log_checkpoints=false"]
 
@@ -118,7 +118,7 @@ def test_seed_draws_different_samples(project, trained, monkeypatch, capsys):
     assert samples[0] == samples[3]  # the default: generate.seed
     assert len(set(samples[:3])) == 3
     monkeypatch.setenv("SEED", "abc")
-    from lmpipe.cli import guarded
+    from lmpipe.cli.main import guarded
 
     assert guarded(seed.load_checkpoint) == 2
     assert "SEED must be an integer, got 'abc'" in capsys.readouterr().err

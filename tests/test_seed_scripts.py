@@ -6,7 +6,6 @@ import sys
 import mlflow
 import pytest
 import torch
-
 from conftest import REPO, cli_env
 from test_cli import assert_user_error
 
@@ -88,6 +87,7 @@ def test_seed_workflow_ls_sort_tail_resumes_the_newest(project):
     checkpoints/$CHECKPOINT MODE=resume python3 scripts/load_checkpoint.py`: the manifest is hidden
     from ls, so the newest checkpoint is what resumes."""
     from conftest import BIN
+
     from lmpipe import stages
     from lmpipe.config import load_config
 

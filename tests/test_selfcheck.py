@@ -6,11 +6,13 @@ import zipfile
 from types import SimpleNamespace
 
 import pytest
-
 from builders import save_lmpipe, save_nanogpt
-from lmpipe import checkpoint
-from lmpipe.cli import main
-from lmpipe.errors import UserError
+
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.locate import resolve_checkpoint
+from lmpipe.ckpt.store import list_checkpoints
+from lmpipe.cli.main import main
+from lmpipe.common.errors import UserError
 
 
 def run(capsys, *argv):
@@ -69,9 +71,9 @@ def test_a_healthy_copy_verifies_without_its_manifest(healthy, capsys):
     copy = healthy.parent.parent / "copies" / healthy.name
     copy.parent.mkdir()
     shutil.copy(healthy, copy)
-    v = checkpoint.verify_checkpoint(copy)
+    v = verify_checkpoint(copy)
     assert v.ok and "zip records match their CRC-32s" in v.detail
-    assert checkpoint.verify_checkpoint(copy, deep=True).ok
+    assert verify_checkpoint(copy, deep=True).ok
     code, out, _ = run(capsys, "ckpt", "verify", str(copy))
     assert code == 0 and f"ok    {copy}" in out and "zip records match their CRC-32s" in out
 
@@ -80,7 +82,7 @@ def test_a_healthy_copy_verifies_without_its_manifest(healthy, capsys):
 def test_a_flipped_bit_in_a_copy_is_corrupt(healthy, capsys, part):
     copy = flipped(healthy, healthy.parent.parent / "copies" / healthy.name, offsets(healthy)[part])
     for deep in (False, True):
-        v = checkpoint.verify_checkpoint(copy, deep=deep)
+        v = verify_checkpoint(copy, deep=deep)
         assert v.status == "corrupt", (part, deep, v)
     code, out, _ = run(capsys, "ckpt", "verify", str(copy))
     assert code == 1 and f"FAIL  {copy}: integrity: {copy.name}: " in out, out
@@ -95,8 +97,8 @@ def test_latest_skips_a_damaged_copy(healthy, project):
     d.mkdir()
     shutil.copy(older, d / older.name)
     newest = flipped(healthy, d / healthy.name, offsets(healthy)["tensor data"])
-    assert checkpoint.list_checkpoints(d)[-1] == newest
-    assert checkpoint.resolve_checkpoint("latest", d) == d / older.name
+    assert list_checkpoints(d)[-1] == newest
+    assert resolve_checkpoint("latest", d) == d / older.name
 
 
 def test_other_trainers_files_check_themselves(project, capsys):

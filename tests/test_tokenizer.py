@@ -1,7 +1,7 @@
 import pytest
 
 from lmpipe import tokenizer
-from lmpipe.errors import UserError
+from lmpipe.common.errors import UserError
 
 TEXT = "Dear Agnes,\nMy neighbour's café — naïve? Ünïcødé 👋 and tabs\tok.\n"
 

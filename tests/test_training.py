@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmpipe.config import load_config
-from lmpipe.training import Callbacks, lr_at, make_optimizer, train
+from lmpipe.train.loop import Callbacks, lr_at, make_optimizer, train
 from models import build_model
 
 
@@ -52,7 +52,7 @@ def test_bigram_with_its_by_model_defaults_beats_the_uniform_guess(project):
     tiny corpus ends well below ln(vocab), the loss of guessing every character uniformly."""
     from lmpipe import data
     from lmpipe.tokenizer import CharTokenizer
-    from lmpipe.training import TrainState, estimate_loss
+    from lmpipe.train.loop import TrainState, estimate_loss
 
     cfg = load_config("params.yaml", ["model.type=bigram"], env={})
     corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, 17)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import UserError
+from lmpipe.common.errors import UserError
 
 TRUST_HINT = ("if you trust where the file came from, the 'lmpipe ckpt' commands (inspect, verify, import) "
               "load it with --trust-pickle")

@@ -1,7 +1,7 @@
 """Device selection: auto picks what exists (cuda, then mps, then cpu)."""
 from __future__ import annotations
 
-from lmpipe.errors import UserError
+from lmpipe.common.errors import UserError
 
 
 def pick_device(name: str = "auto") -> str:

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmpipe import data
+from lmpipe.common.errors import UserError, joined
 from lmpipe.config import Config, DataConfig, config_from_dict
-from lmpipe.errors import UserError, joined
-from lmpipe.schedule import Schedule
+from lmpipe.train.schedule import Schedule
 
 REWARMUP = 100  # default --warmup with --no-optimizer: a fresh AdamW needs a few steps to settle
 
@@ -83,7 +83,7 @@ def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
 def check_new_source(ckpt: dict, new_source: str, val_fraction: float, seed: int) -> None:
     """New data must be encodable by the checkpoint's tokenizer (a char vocabulary lists the
     characters it lacks)."""
-    from lmpipe.checkpoint import tokenizer_from_checkpoint
+    from lmpipe.ckpt.rebuild import tokenizer_from_checkpoint
 
     corpus = data.split_corpus(new_source, val_fraction, seed, ckpt["block_size"] + 1)
     try:

@@ -11,8 +11,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from lmpipe.errors import UserError
-from lmpipe.formats import NANOCHAT_RE, View, hf_weight_files, nanochat_steps, open_view, shape_of
+from lmpipe.ckpt.views import (
+    NANOCHAT_RE,
+    View,
+    hf_weight_files,
+    nanochat_steps,
+    open_view,
+    shape_of,
+)
+from lmpipe.common.errors import UserError
 
 SKIP_DIRS = {"mlruns", "__pycache__", "node_modules"}
 
@@ -37,7 +44,7 @@ class Row:
 
 def scan(root: str | Path, depth: int = 3) -> list[Row]:
     """Every checkpoint under `root` (itself and `depth` levels of subdirectories), newest last."""
-    from lmpipe.checkpoint import refuse_manifest
+    from lmpipe.ckpt.store import refuse_manifest
 
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -83,7 +90,9 @@ def _mtime(p: Path) -> datetime:
 
 
 def _lmpipe_rows(d: Path) -> list[Row]:
-    from lmpipe.checkpoint import current_val_loss, parse_filename, read_manifest
+    from lmpipe.ckpt.manifest import read_manifest
+    from lmpipe.ckpt.payload import current_val_loss
+    from lmpipe.ckpt.store import parse_filename
 
     manifest = read_manifest(d)
     rows = []
@@ -127,7 +136,7 @@ def _torch_row(p: Path) -> Row:
 
 
 def _problem_word(e: Exception) -> str:
-    from lmpipe.safeload import UnsafePickle
+    from lmpipe.ckpt.safeload import UnsafePickle
 
     return "unsafe" if isinstance(e, UnsafePickle) else "unreadable"
 

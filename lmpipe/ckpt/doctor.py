@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import UserError, joined
-from lmpipe.formats import View
-from lmpipe.inspection import Row, scan
-from lmpipe.integrity import Report, buildable_arch, check, shape_mismatches
+from lmpipe.ckpt.inspection import Row, scan
+from lmpipe.ckpt.rebuild import shape_mismatches
+from lmpipe.ckpt.verify import Report, buildable_arch, check
+from lmpipe.ckpt.views import View
+from lmpipe.common.errors import UserError, joined
 
 EXIT = {"healthy": 0, "fixable": 3, "broken": 4}
 SEVERITY = {"note": 0, "fixable": 1, "broken": 2}
@@ -54,7 +55,7 @@ def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = 
     """One Diagnosis per checkpoint at `path` (a file, a glob, or a directory of checkpoints).
     model_cfg: the architecture the user's configuration asks for; forced: they asked explicitly.
     A manifest passed as a checkpoint is a UserError (bad usage), not a corrupted checkpoint."""
-    from lmpipe.checkpoint import refuse_manifest
+    from lmpipe.ckpt.store import refuse_manifest
 
     target = Path(os.path.expanduser(path))
     if any(c in path for c in "*?["):
@@ -75,7 +76,7 @@ def diagnose(path: str, model_cfg: dict[str, Any] | None = None, forced: bool = 
 
 
 def _is_single(d: Path) -> bool:
-    from lmpipe.formats import hf_weight_files
+    from lmpipe.ckpt.views import hf_weight_files
 
     return (d / "config.json").exists() and bool(hf_weight_files(d))
 
@@ -107,7 +108,7 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
         return Finding("fixable", "optimizer state does not fit", [text],
                        f"lmpipe resume --checkpoint {path} --no-optimizer --warmup 100")
     if kind == "architecture" and r.view is not None:
-        from lmpipe.formats import infer_arch
+        from lmpipe.ckpt.views import infer_arch
 
         shapes = ", ".join(f"{k}={x}" for k, x in infer_arch(r.view.state).items())
         return Finding("broken", "tensor size mismatch", [text, f"the weights themselves say {shapes}",
@@ -119,7 +120,7 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
 
 def _fallback(kind: str, text: str, r: Report) -> Finding:
     """A corrupted or diverged checkpoint: the last earlier one of its lineage that verifies."""
-    from lmpipe.checkpoint import parse_filename
+    from lmpipe.ckpt.store import parse_filename
 
     title = "corrupted" if kind != "nonfinite" else "NaN/Inf in the weights (training diverged)"
     run_id = run_id_of(r.path, r.view)
@@ -149,7 +150,7 @@ def _lineage(named: dict, run_id: str | None) -> str:
 
 def run_id_of(path: Path, view: View | None = None) -> str | None:
     """The MLflow run a checkpoint belongs to: its manifest entry's, else the one the file holds."""
-    from lmpipe.checkpoint import read_manifest
+    from lmpipe.ckpt.manifest import read_manifest
 
     entry = read_manifest(path.parent).get(path.name) or {}
     return entry.get("run_id") or (view.info.get("run_id") if view is not None else None) or None
@@ -159,8 +160,9 @@ def last_good_before(path: Path, run_id: str | None = None) -> Path | None:
     """The newest earlier checkpoint of the same lineage that verifies. nanochat: the same model
     tag (directory). lmpipe: the same model and source (file names) and, when `run_id` is known,
     the same MLflow run (a resume continues its run: a checkpoint `path` descends from)."""
-    from lmpipe.checkpoint import parse_filename, verify_checkpoint
-    from lmpipe.formats import NANOCHAT_RE, nanochat_steps
+    from lmpipe.ckpt.integrity import verify_checkpoint
+    from lmpipe.ckpt.store import parse_filename
+    from lmpipe.ckpt.views import NANOCHAT_RE, nanochat_steps
 
     if (m := NANOCHAT_RE.match(path.name)) is not None:
         for step in reversed([s for s in nanochat_steps(path.parent) if s < int(m[2])]):
@@ -181,7 +183,7 @@ def last_good_before(path: Path, run_id: str | None = None) -> Path | None:
 
 def _earlier_of_lineage(path: Path, named: dict) -> list[Path]:
     """lmpipe checkpoints beside `path` with its model and source at earlier steps, newest first."""
-    from lmpipe.checkpoint import list_checkpoints, parse_filename
+    from lmpipe.ckpt.store import list_checkpoints, parse_filename
 
     def same(p: Path) -> bool:
         n = parse_filename(p)
@@ -194,7 +196,8 @@ def _earlier_of_lineage(path: Path, named: dict) -> list[Path]:
 
 def _run_of(path: Path) -> str | None:
     """A candidate's run: its manifest entry's, else the one the file holds (memory-mapped)."""
-    from lmpipe.checkpoint import load_checkpoint, read_manifest
+    from lmpipe.ckpt.manifest import read_manifest
+    from lmpipe.ckpt.store import load_checkpoint
 
     entry = read_manifest(path.parent).get(path.name)
     if entry is not None:
@@ -237,7 +240,8 @@ def _lineage_rows(path: Path, rows: list[Row]) -> tuple[list[Row], str | None]:
     """The rows a missing lmpipe checkpoint's suggestion may come from: its model and source, and
     its run if the manifest still records it (else earlier steps only); plus what to say about it.
     Other names (nanoGPT's ckpt.pt, nanochat's) carry no lineage: every row, nothing to say."""
-    from lmpipe.checkpoint import parse_filename, read_manifest
+    from lmpipe.ckpt.manifest import read_manifest
+    from lmpipe.ckpt.store import parse_filename
 
     named = parse_filename(path)
     if named is None:
@@ -289,8 +293,8 @@ def _tokenizer(v: View) -> list[Finding]:
 
 
 def _missing_tokenizer(path: Path, text: str, fmt: str = "lmpipe") -> Finding:
-    from lmpipe.formats import nanochat_base_dir
-    from lmpipe.paths import TOKENIZER_FILE
+    from lmpipe.ckpt.views import nanochat_base_dir
+    from lmpipe.common.paths import TOKENIZER_FILE
 
     if fmt == "nanochat":
         where = nanochat_base_dir(path.parent) / "tokenizer"
@@ -350,8 +354,8 @@ def _size_mismatch(v: View, model_cfg: dict, forced: bool) -> list[Finding]:
 
 def _directory(d: Path, rows: list[Row]) -> Diagnosis:
     """Leftovers of interrupted saves, manifest entries without a file, and free disk space."""
-    from lmpipe.checkpoint import read_manifest
-    from lmpipe.fileio import stale_temporaries
+    from lmpipe.ckpt.manifest import read_manifest
+    from lmpipe.common.fileio import stale_temporaries
 
     out = Diagnosis(str(d), f"directory, {len(rows)} checkpoint(s)")
     tmps = stale_temporaries(d)

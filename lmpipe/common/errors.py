@@ -1,4 +1,6 @@
-"""User-facing errors: the CLI prints them as one line each, with no traceback, and exits non-zero."""
+"""User-facing errors and warnings: the CLI prints an error as one line, with no traceback, and
+exits non-zero; a warning is one line on stderr and work goes on."""
+import sys
 
 
 class UserError(Exception):
@@ -19,3 +21,7 @@ class ConfigError(UserError):
 def joined(items: list[str]) -> str:
     """'a', 'a and b', 'a, b and c': lists inside error messages."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def warn(message: str) -> None:
+    print(f"lmpipe: warning: {message}", file=sys.stderr, flush=True)

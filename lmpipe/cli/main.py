@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
     _add_config_args(p)
-    from lmpipe import cli_ckpt
+    from lmpipe.cli import ckpt as cli_ckpt
 
     cli_ckpt.add_parser(sub, _add_config_args)
     return parser
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def guarded(fn) -> int:
     """Run a command: offline defaults on; a UserError becomes its one-line message and exit code."""
-    from lmpipe.env import apply_offline_defaults
-    from lmpipe.errors import UserError
+    from lmpipe.common.env import apply_offline_defaults
+    from lmpipe.common.errors import UserError
 
     apply_offline_defaults()
     try:
@@ -97,7 +97,7 @@ def guarded(fn) -> int:
 
 def _config(args):
     """The resolved configuration; a warning line for each setting given that does nothing."""
-    from lmpipe.checkpoint import warn
+    from lmpipe.common.errors import warn
     from lmpipe.config import inert_settings, load_config
 
     cfg = load_config(args.params, args.overrides)
@@ -117,7 +117,7 @@ def cmd_stage(args) -> int:
     import os
 
     from lmpipe import stages
-    from lmpipe.checkpoint import warn
+    from lmpipe.common.errors import warn
     from lmpipe.config import ENV_VARS
 
     cfg = _config(args)
@@ -135,8 +135,12 @@ def cmd_stage(args) -> int:
 def cmd_resume(args) -> int:
     import dataclasses
 
-    from lmpipe import resuming, stages
-    from lmpipe.checkpoint import EARLIER, load_checkpoint, require_intact, resolve_checkpoint
+    from lmpipe import stages
+    from lmpipe.ckpt.integrity import require_intact
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.ckpt.rebuild import EARLIER
+    from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.train import resume as resuming
 
     cfg = _config(args)
     _check_resume_flags(args)
@@ -169,7 +173,7 @@ def cmd_resume(args) -> int:
 
 
 def _check_resume_flags(args) -> None:
-    from lmpipe.errors import UserError
+    from lmpipe.common.errors import UserError
 
     for flag, value in (("--steps", args.steps), ("--warmup", args.warmup)):
         if value is not None and value < (1 if flag == "--steps" else 0):
@@ -187,7 +191,7 @@ def _explicit(args) -> dict[str, str]:
 def _warn_ignored_on_resume(args) -> None:
     """A resume trains with the checkpoint's own training, tokenizer and data settings: say so for
     each one the user set, with the flag that does what they meant."""
-    from lmpipe.checkpoint import warn
+    from lmpipe.common.errors import warn
 
     instead = {"train": "--steps N / --lr X", "tokenizer": "nothing (the checkpoint's tokenizer is kept)",
                "data": "--source PATH"}
@@ -216,7 +220,7 @@ def cmd_run(args) -> int:
     from importlib.metadata import entry_points
 
     from lmpipe import stages
-    from lmpipe.errors import UserError
+    from lmpipe.common.errors import UserError
 
     cfg = _config(args)
     stages.preflight(cfg)
@@ -244,9 +248,10 @@ def summary(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from lmpipe.checkpoint import load_for_inference, resolve_checkpoint
-    from lmpipe.device import pick_device
-    from lmpipe.sampling import generate_text
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from lmpipe.common.device import pick_device
+    from lmpipe.generate import generate_text
 
     cfg = _config(args)
     g = cfg.generate
@@ -263,7 +268,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_ckpt(args) -> int:
-    from lmpipe import cli_ckpt
+    from lmpipe.cli import ckpt as cli_ckpt
 
     return cli_ckpt.run(args, _config)
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from lmpipe.config import TrainConfig
-from lmpipe.schedule import Schedule
+from lmpipe.train.schedule import Schedule
 
 
 @dataclass

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import UserError
-from lmpipe.safeload import pickle_load, torch_load
+from lmpipe.ckpt.safeload import pickle_load, torch_load
+from lmpipe.ckpt.store import foreign_hint, is_state
+from lmpipe.common.errors import UserError
 
 NANOCHAT_RE = re.compile(r"^(model|meta|optim)_(\d{6})(?:_rank(\d+))?\.(pt|json)$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -45,7 +46,7 @@ class View:
 
 def open_view(path: str | Path, trust_pickle: bool = False) -> View:
     """Detect the format of a file or directory and read it. UserError if it is none of them."""
-    from lmpipe.checkpoint import refuse_manifest
+    from lmpipe.ckpt.store import refuse_manifest
 
     path = Path(os.path.expanduser(str(path)))
     refuse_manifest(path)
@@ -80,7 +81,7 @@ def _open_dir(path: Path, trust_pickle: bool) -> View:
         return read_nanochat(path, steps[-1], trust_pickle)
     if (path / "ckpt.pt").exists():
         return open_view(path / "ckpt.pt", trust_pickle)
-    from lmpipe.checkpoint import latest_verified
+    from lmpipe.ckpt.locate import latest_verified
 
     return open_view(latest_verified(path), trust_pickle)
 
@@ -94,30 +95,12 @@ def classify(path: Path, obj: Any, trust_pickle: bool = False) -> View:
         return read_nanogpt(path, obj, trust_pickle)
     if "state_dict" in keys and ("pytorch-lightning_version" in keys or "global_step" in keys):
         return read_lightning(path, obj)
-    state = obj if _is_state(obj) else next((obj[k] for k in ("state_dict", "model") if k in keys
-                                             and _is_state(obj[k])), None)
+    state = obj if is_state(obj) else next((obj[k] for k in ("state_dict", "model") if k in keys
+                                             and is_state(obj[k])), None)
     if state is None:
         raise UserError(f"{path}: Checkpoint does not contain model_state_dict; {foreign_hint(obj, path)}")
     return View("torch", path, [path], state, step=_int(obj.get("step")) if keys else None,
                 arch=infer_arch(state), keys=keys, raw=obj)
-
-
-def foreign_hint(obj: Any, path: Path) -> str:
-    """What a file that lmpipe cannot use directly is, and what to do with it."""
-    keys = set(obj) if isinstance(obj, dict) else set()
-    if {"model", "model_args"} <= keys:
-        return f"it is a nanoGPT checkpoint: convert it with 'lmpipe ckpt import {path}'"
-    fix = "use a checkpoint from an earlier step, or re-run training with ENABLE_CHECKPOINTS=true"
-    if "state_dict" in keys or _is_state(obj):
-        kind = "a Lightning (or state_dict)" if "state_dict" in keys else "a bare state dict, not an lmpipe"
-        return f"it is {kind} checkpoint ('lmpipe ckpt inspect {path}' describes it); {fix}"
-    return f"the file may be corrupted or not a checkpoint; {fix}"
-
-
-def _is_state(obj: Any) -> bool:
-    import torch
-
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _int(v: Any) -> int | None:
@@ -137,7 +120,9 @@ def _float(v: Any) -> float | None:
 # --- readers ---------------------------------------------------------------------------------------
 
 def read_lmpipe(path: Path, obj: dict) -> View:
-    from lmpipe.checkpoint import current_val_loss, parse_filename, read_manifest, strip_prefixes
+    from lmpipe.ckpt.manifest import read_manifest
+    from lmpipe.ckpt.payload import current_val_loss, strip_prefixes
+    from lmpipe.ckpt.store import parse_filename
 
     hp = obj.get("hyperparameters") or {}
     arch = {**(hp.get("model") or {}), "vocab_size": obj.get("vocab_size"), "block_size": obj.get("block_size")}
@@ -167,7 +152,7 @@ def _lmpipe_tokenizer(text: str | None) -> dict | None:
 
 
 def read_nanogpt(path: Path, obj: dict, trust_pickle: bool = False) -> View:
-    from lmpipe.checkpoint import strip_prefixes
+    from lmpipe.ckpt.payload import strip_prefixes
 
     args, config = dict(obj.get("model_args") or {}), dict(obj.get("config") or {})
     meta = nanogpt_meta_path(path, config)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.fileio import atomic_open
+from lmpipe.common.fileio import atomic_open
 
 
 def loss_curve(log, path: str | Path) -> Path:

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import UserError
-from lmpipe.formats import View, open_view, shape_of
-from lmpipe.safeload import UnsafePickle
-from lmpipe.selfcheck import Verification, self_check
+from lmpipe.ckpt.rebuild import shape_mismatches
+from lmpipe.ckpt.safeload import UnsafePickle
+from lmpipe.ckpt.selfcheck import Verification, self_check
+from lmpipe.ckpt.views import View, open_view
+from lmpipe.common.errors import UserError
 from models import MODELS
-
 
 
 @dataclass
@@ -70,7 +70,7 @@ def check(path: str | Path, trust_pickle: bool = False) -> Report:
 def _intact(path: Path, r: Report) -> bool:
     """The file's own integrity: lmpipe's against the manifest (else its zip CRC-32s), other
     trainers' against their zip CRC-32s. A problem or a note goes into `r`."""
-    from lmpipe.checkpoint import verify_checkpoint
+    from lmpipe.ckpt.integrity import verify_checkpoint
 
     lmpipe = path.name.startswith("checkpoint_")
     v: Verification = verify_checkpoint(path) if lmpipe else self_check(path)
@@ -85,7 +85,7 @@ def _intact(path: Path, r: Report) -> bool:
 
 
 def _completeness(v: View) -> list[Problem]:
-    from lmpipe.checkpoint import REQUIRED_KEYS
+    from lmpipe.ckpt.payload import REQUIRED_KEYS
 
     out = []
     if v.format == "lmpipe":
@@ -101,20 +101,6 @@ def _completeness(v: View) -> list[Problem]:
         out.append(Problem("tokenizer", f"tokenizer has {tok.get('vocab_size')} tokens, the model "
                                         f"{v.arch.get('vocab_size')}"))
     return out
-
-
-def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, tuple, tuple]], list[str], list[str]]:
-    """Compare a state dict with a model built from `arch`: (reshaped, missing, unexpected)."""
-    from models import build_model
-
-    expected = {k: tuple(t.shape) for k, t in build_model(arch).state_dict().items()}
-    have = {k: shape_of(state, k)[0] for k in state if not is_mask_buffer(k)}
-    reshaped = [(k, have[k], expected[k]) for k in have if k in expected and have[k] != expected[k]]
-    return reshaped, sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
-
-
-def is_mask_buffer(name: str) -> bool:
-    return name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")  # nanoGPT/HF causal masks
 
 
 def buildable_arch(v: View) -> dict[str, Any] | None:
@@ -198,11 +184,10 @@ def _optimizer(v: View, exact: bool = True) -> list[Problem]:
 
 
 def _exact_optimizer_check(v: View, arch: dict) -> list[Problem]:
-    from models import build_model
-
-    from lmpipe.checkpoint import check_optimizer_state
+    from lmpipe.ckpt.rebuild import check_optimizer_state
     from lmpipe.config import TrainConfig
-    from lmpipe.training import make_optimizer
+    from lmpipe.train.loop import make_optimizer
+    from models import build_model
 
     model = build_model(arch)  # only its parameter order and shapes matter here
     try:

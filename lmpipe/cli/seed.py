@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 LOAD_CHECKPOINT_HELP = """usage: [VARIABLE=VALUE ...] python3 scripts/load_checkpoint.py   (or ./load_checkpoint.py)
 
@@ -51,7 +51,7 @@ def main(script: str) -> int:
         print(LOAD_CHECKPOINT_HELP if script == "load_checkpoint" else (sys.modules["__main__"].__doc__ or "").strip())
         return 0
     ensure_dependencies(sys.argv[0])
-    from lmpipe.cli import guarded
+    from lmpipe.cli.main import guarded
 
     return guarded({"training": training, "load_checkpoint": load_checkpoint,
                     "training_resume": lambda: load_checkpoint(mode="resume")}[script])
@@ -60,7 +60,7 @@ def main(script: str) -> int:
 def training() -> int:
     """The whole pipeline; without ENABLE_CHECKPOINTS=true only the final checkpoint is written
     (evaluation, generation and registration need it)."""
-    from lmpipe.cli import main as lmpipe
+    from lmpipe.cli.main import main as lmpipe
 
     overrides = []
     if os.environ.get("ENABLE_CHECKPOINTS", "") == "":
@@ -71,7 +71,7 @@ def training() -> int:
 
 
 def _env_number(name: str, default: str, kind: type):
-    from lmpipe.errors import UserError
+    from lmpipe.common.errors import UserError
 
     raw = os.environ.get(name, "") or default
     try:
@@ -92,10 +92,10 @@ MODE_VARS = {"inference": ("PROMPT", "MAX_NEW_TOKENS", "SEED"),
 def load_checkpoint(mode: str | None = None) -> int:
     """MODE=inference generates; MODE=resume shows the checkpoint and the resume plan, and trains
     only when RESUME_TRAINING_STEPS or RESUME_LEARNING_RATE is set (training_resume.py always trains)."""
-    from lmpipe.checkpoint import resolve_checkpoint, warn
-    from lmpipe.cli import main as lmpipe
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.cli.main import main as lmpipe
+    from lmpipe.common.errors import UserError, warn
     from lmpipe.config import load_config
-    from lmpipe.errors import UserError
 
     spec = os.environ.get("CHECKPOINT_PATH", "")
     if not spec:
@@ -124,7 +124,7 @@ def load_checkpoint(mode: str | None = None) -> int:
 
 def _resume(path: Path, script: str, dry_run: bool) -> int:
     """The guide's resume: with neither RESUME_ variable set, only show what would happen."""
-    from lmpipe.cli import main as lmpipe
+    from lmpipe.cli.main import main as lmpipe
 
     steps = _env_number("RESUME_TRAINING_STEPS", "5000", int)
     lr = _env_number("RESUME_LEARNING_RATE", "3e-4", float)
@@ -151,7 +151,7 @@ def _shown_path(path: str) -> str:
 
 def _env_seed(default: int) -> int:
     """SEED: which sample to draw (any integer; the default is generate.seed)."""
-    from lmpipe.errors import UserError
+    from lmpipe.common.errors import UserError
 
     raw = os.environ.get("SEED", "")
     if raw == "":
@@ -164,7 +164,7 @@ def _env_seed(default: int) -> int:
 
 def _describe(path: Path) -> None:
     """The guide's "display information about the checkpoint" before resuming."""
-    from lmpipe.checkpoint import load_checkpoint
+    from lmpipe.ckpt.store import load_checkpoint
 
     ckpt = load_checkpoint(path, mmap=True)
     m = ckpt["hyperparameters"]["model"]

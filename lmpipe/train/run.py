@@ -8,13 +8,21 @@ from pathlib import Path
 
 import torch
 
-from lmpipe import checkpoint, data, tokenizer, tracking
-from lmpipe.checkpointing import Checkpointer, GracefulStop, TrainingStopped
+from lmpipe import data, tokenizer, tracking
+from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.payload import current_val_loss
+from lmpipe.ckpt.rebuild import (
+    check_optimizer_state,
+    model_from_checkpoint,
+    tokenizer_from_checkpoint,
+)
+from lmpipe.ckpt.store import checkpoint_filename, load_checkpoint, parse_filename
+from lmpipe.common.device import pick_device
+from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
-from lmpipe.device import pick_device
-from lmpipe.errors import UserError
-from lmpipe.resuming import Resume, has_train_state, plan, say
-from lmpipe.training import Callbacks, TrainState, make_optimizer, train
+from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
+from lmpipe.train.resume import Resume, has_train_state, plan, say
+from lmpipe.train.saver import Checkpointer, GracefulStop, TrainingStopped
 
 
 @dataclass
@@ -50,19 +58,19 @@ def fresh_setup(cfg: Config, device: str) -> Setup:
 def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
     """Model, tokenizer, training settings and loop state from the checkpoint; data, checkpoint and
     tracking settings from the current configuration."""
-    ckpt = checkpoint.load_checkpoint(resume.checkpoint, map_location=device)
+    ckpt = load_checkpoint(resume.checkpoint, map_location=device)
     schedule = plan(ckpt, resume)  # checks the plan (and that there is a training state) first
     saved = config_from_dict(ckpt["hyperparameters"])
     cfg = replace(cfg, model=saved.model, tokenizer=saved.tokenizer,
                   train=replace(saved.train, device=cfg.train.device))
-    model = checkpoint.model_from_checkpoint(ckpt, device).train()
+    model = model_from_checkpoint(ckpt, device).train()
     optimizer = make_optimizer(model, cfg.train)
     if not resume.no_optimizer:
-        checkpoint.check_optimizer_state(ckpt, optimizer, resume.checkpoint)
+        check_optimizer_state(ckpt, optimizer, resume.checkpoint)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     state = _loop_state(ckpt, resume, cfg)
     state.schedule = schedule
-    return Setup(cfg, model, optimizer, state, checkpoint.tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
+    return Setup(cfg, model, optimizer, state, tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
 
 
 def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
@@ -138,7 +146,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             }
 
         def name(step: int) -> Path:
-            return ckpt_dir / checkpoint.checkpoint_filename(cfg.model.type, meta["source"], step)
+            return ckpt_dir / checkpoint_filename(cfg.model.type, meta["source"], step)
 
         def save(step: int, state: TrainState, wait: bool = False) -> Path:
             # Metrics up to this step become durable with the checkpoint: after a kill, the resume
@@ -151,7 +159,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         def on_stop(step: int, state: TrainState) -> None:
             path = save(step, state, wait=True)
             signame = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
-            if path not in ckpts.saved or not checkpoint.verify_checkpoint(path).ok:
+            if path not in ckpts.saved or not verify_checkpoint(path).ok:
                 raise TrainingStopped(f"training stopped by {signame} at step {step}, but the emergency checkpoint "
                                       f"could not be written ({'; '.join(ckpts.failed[-1:])})", stop.signum)
             raise TrainingStopped(f"training stopped by {signame} at step {step}; saved and verified {path}\n"
@@ -175,7 +183,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
         finally:
             ckpts.wait()
             metric_log.flush()
-        if not ckpts.saved or checkpoint.parse_filename(ckpts.saved[-1])["step"] != state.step:
+        if not ckpts.saved or parse_filename(ckpts.saved[-1])["step"] != state.step:
             raise UserError(f"training finished at step {state.step}, but its final checkpoint could not be "
                             f"written ({'; '.join(ckpts.failed[-1:]) or 'unknown error'}); free disk space and "
                             "resume from the last saved checkpoint")
@@ -191,7 +199,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
 def logged_metrics(entry: dict) -> dict[str, float]:
     """The metrics a checkpoint's MLflow logged model gets: its val_loss, unless that was measured
     at an earlier step (a save on a signal): MLflow ranks logged models by it as their own."""
-    val = checkpoint.current_val_loss(entry["metrics"], entry["step"])
+    val = current_val_loss(entry["metrics"], entry["step"])
     return {} if val is None else {"val_loss": val}
 
 
@@ -200,9 +208,9 @@ def _log_artifacts(state: TrainState) -> None:
     import mlflow
     import pandas as pd
 
-    from lmpipe.fileio import atomic_write_text
-    from lmpipe.paths import LOSS_PLOT, TOKEN_STATS, TRAIN_LOG
-    from lmpipe.plots import loss_curve
+    from lmpipe.common.fileio import atomic_write_text
+    from lmpipe.common.paths import LOSS_PLOT, TOKEN_STATS, TRAIN_LOG
+    from lmpipe.train.plots import loss_curve
 
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
     atomic_write_text(TRAIN_LOG, log.to_csv(index=False))

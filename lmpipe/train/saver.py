@@ -19,11 +19,12 @@ from typing import Any, Callable
 
 import torch
 
-from lmpipe import checkpoint
-from lmpipe.checkpoint import warn
+from lmpipe.ckpt.manifest import read_manifest
+from lmpipe.ckpt.payload import current_val_loss
+from lmpipe.ckpt.store import clean_directory, delete_checkpoint, save_checkpoint
+from lmpipe.common.errors import UserError, warn
+from lmpipe.common.fileio import SaveAbandoned
 from lmpipe.config import CheckpointConfig
-from lmpipe.errors import UserError
-from lmpipe.fileio import SaveAbandoned
 
 
 class TrainingStopped(UserError):
@@ -50,7 +51,7 @@ class Checkpointer:
         self._abort = threading.Event()
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.dir.mkdir(parents=True, exist_ok=True)
-        for note in checkpoint.clean_directory(self.dir):
+        for note in clean_directory(self.dir):
             warn(f"{self.dir}: {note}")
 
     # --- saving ----------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ class Checkpointer:
 
     def _write(self, path: Path, payload: dict[str, Any]) -> None:
         try:
-            entry = checkpoint.save_checkpoint(path, payload, abort=self._abort)
+            entry = save_checkpoint(path, payload, abort=self._abort)
         except SaveAbandoned:
             return
         except Exception as e:  # ENOSPC, EFBIG, EIO...: the earlier checkpoints are untouched
@@ -119,12 +120,12 @@ class Checkpointer:
         c = self.cfg
         if c.keep_last <= 0:
             return []
-        manifest = checkpoint.read_manifest(self.dir)
+        manifest = read_manifest(self.dir)
         # keep_best ranks only val losses measured at the checkpoint's own step: an emergency save
         # repeats an earlier evaluation's loss, and would otherwise be kept as "best" for weights
         # that were never evaluated (and crowd out the checkpoint that earned the number).
         mine = sorted(((e["step"], self.dir / name,
-                        checkpoint.current_val_loss(e.get("metrics") or {}, e["step"]))
+                        current_val_loss(e.get("metrics") or {}, e["step"]))
                        for name, e in manifest.items() if e.get("run_id") == self.run_id
                        and (self.dir / name).exists()), key=lambda t: (t[0], t[1].stat().st_mtime))
         if not mine:
@@ -138,7 +139,7 @@ class Checkpointer:
         keep.add(mine[-1][1])  # the newest, just committed and verified
         doomed = [p for _, p, _ in mine if p not in keep]
         for p in doomed:
-            checkpoint.delete_checkpoint(p)
+            delete_checkpoint(p)
         return doomed
 
     def _ensure_space(self, size: int, path: Path) -> bool:

@@ -75,7 +75,7 @@ def run(args, cfg_loader) -> int:
 
 def _resolve(spec: str, cfg) -> Path:
     """'latest', a glob or a path; a manifest passed instead of a checkpoint is refused here."""
-    from lmpipe.checkpoint import resolve_checkpoint
+    from lmpipe.ckpt.locate import resolve_checkpoint
 
     return resolve_checkpoint(spec, cfg.checkpoint.dir)
 
@@ -103,7 +103,7 @@ def val_loss_text(val_loss: float | None, val_step: int | None, step: int | None
 
 
 def cmd_list(args, cfg) -> int:
-    from lmpipe.inspection import filter_rows, scan
+    from lmpipe.ckpt.inspection import filter_rows, scan
 
     directory = args.dir or cfg.checkpoint.dir
     rows = filter_rows(scan(directory), args.model, args.source, args.step)
@@ -128,8 +128,8 @@ def cmd_list(args, cfg) -> int:
 
 
 def cmd_inspect(args, cfg) -> int:
-    from lmpipe.formats import open_view
-    from lmpipe.inspection import describe, flatten
+    from lmpipe.ckpt.inspection import describe, flatten
+    from lmpipe.ckpt.views import open_view
 
     d = describe(open_view(_resolve(args.path, cfg), args.trust_pickle))
     if args.json:
@@ -164,8 +164,8 @@ def _info_lines(info: dict, step: int | None) -> list[str]:
 
 
 def _targets(path: str, cfg) -> list[Path]:
-    from lmpipe.formats import hf_weight_files
-    from lmpipe.inspection import scan
+    from lmpipe.ckpt.inspection import scan
+    from lmpipe.ckpt.views import hf_weight_files
 
     p = _resolve(path, cfg)
     if p.is_dir() and not ((p / "config.json").exists() and hf_weight_files(p)):
@@ -174,8 +174,8 @@ def _targets(path: str, cfg) -> list[Path]:
 
 
 def cmd_verify(args, cfg) -> int:
-    from lmpipe.errors import UserError
-    from lmpipe.integrity import check
+    from lmpipe.ckpt.verify import check
+    from lmpipe.common.errors import UserError
 
     targets = _targets(args.path, cfg)
     if not targets:
@@ -196,8 +196,8 @@ def cmd_verify(args, cfg) -> int:
 
 
 def cmd_diff(args, cfg) -> int:
-    from lmpipe.formats import open_view
-    from lmpipe.inspection import diff
+    from lmpipe.ckpt.inspection import diff
+    from lmpipe.ckpt.views import open_view
 
     d = diff(open_view(_resolve(args.a, cfg), args.trust_pickle), open_view(_resolve(args.b, cfg), args.trust_pickle))
     if args.json:
@@ -223,7 +223,7 @@ def cmd_doctor(args, cfg) -> int:
     import os
     from dataclasses import asdict
 
-    from lmpipe.doctor import EXIT, diagnose
+    from lmpipe.ckpt.doctor import EXIT, diagnose
 
     forced = any(o.strip().startswith("model.") for o in args.overrides) or bool(os.environ.get("MODEL_TYPE"))
     results = diagnose(args.path, asdict(cfg.model), forced, args.trust_pickle)
@@ -246,7 +246,7 @@ def cmd_doctor(args, cfg) -> int:
 
 
 def cmd_import(args, cfg) -> int:
-    from lmpipe.convert import import_checkpoint
+    from lmpipe.ckpt.convert import import_checkpoint
 
     out = import_checkpoint(_resolve(args.path, cfg), args.out or cfg.checkpoint.dir, args.meta, args.tokenizer,
                             args.gpt2_tokenizer or cfg.tokenizer.gpt2_path, args.trust_pickle)
@@ -255,7 +255,7 @@ def cmd_import(args, cfg) -> int:
 
 
 def cmd_export(args, cfg) -> int:
-    from lmpipe.convert import export
+    from lmpipe.ckpt.convert import export
 
     out = export(_resolve(args.path, cfg), args.format, args.out)
     print(f"exported {args.path} -> {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lmpipe.errors import UserError
+from lmpipe.common.errors import UserError
 
 
 @torch.no_grad()

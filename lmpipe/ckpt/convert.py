@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmpipe.errors import UserError
-from lmpipe.fileio import fsync_dir, fsync_path
-from lmpipe.formats import View, open_view
-from lmpipe.safeload import pickle_load
+from lmpipe.ckpt.safeload import pickle_load
+from lmpipe.ckpt.views import View, open_view
+from lmpipe.common.errors import UserError
+from lmpipe.common.fileio import fsync_dir, fsync_path
 
 # nanoGPT's train.py config names → lmpipe's params.yaml keys
 NANOGPT_TRAIN = {"learning_rate": "lr", "min_lr": "min_lr", "warmup_iters": "warmup_steps", "max_iters": "steps",
@@ -31,7 +31,8 @@ NANOGPT_TRAIN = {"learning_rate": "lr", "min_lr": "min_lr", "warmup_iters": "war
 def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = None, tokenizer_file: str | None = None,
                       gpt2_path: str = "gpt2", trust_pickle: bool = False) -> Path:
     """Convert `src` into an lmpipe checkpoint in `out_dir`; return its path."""
-    from lmpipe.checkpoint import checkpoint_filename, model_from_checkpoint, save_checkpoint
+    from lmpipe.ckpt.rebuild import model_from_checkpoint
+    from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
 
     v = open_view(src, trust_pickle)
     if v.format == "nanogpt":
@@ -52,8 +53,8 @@ def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = N
 
 def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_path: str, trust_pickle: bool) -> dict:
     from lmpipe import tokenizer as toks
+    from lmpipe.ckpt.rebuild import is_mask_buffer
     from lmpipe.config import ModelConfig, config_from_dict
-    from lmpipe.integrity import is_mask_buffer
 
     args, config = v.hyperparameters["model_args"], v.hyperparameters["config"]
     if tokenizer_file:
@@ -82,7 +83,7 @@ def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_pa
 def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
     """nanochat's model_/meta_ files → an lmpipe `nanochat` checkpoint; its tokenizer.pkl (a pickled
     tiktoken Encoding) becomes lmpipe's `tiktoken` tokenizer, or --tokenizer gives one."""
-    from lmpipe.checkpoint import strip_prefixes
+    from lmpipe.ckpt.payload import strip_prefixes
     from lmpipe.config import config_from_dict
 
     arch = {k: int(v.arch[k]) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size")
@@ -107,8 +108,8 @@ def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
 
 def _nanochat_tokenizer(v: View, tokenizer_file: str | None):
     from lmpipe import tokenizer as toks
-    from lmpipe.formats import nanochat_base_dir
-    from lmpipe.safeload import tiktoken_state
+    from lmpipe.ckpt.safeload import tiktoken_state
+    from lmpipe.ckpt.views import nanochat_base_dir
 
     if tokenizer_file:
         return toks.load(tokenizer_file)
@@ -143,7 +144,7 @@ def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
     missing = [k for k in ("hyperparameters", "vocab_size", "block_size") if k not in v.raw]
     if missing:
         raise UserError(f"{v.path}: also lacks {', '.join(missing)}; it cannot be rebuilt as an lmpipe checkpoint")
-    from lmpipe.checkpoint import parse_filename
+    from lmpipe.ckpt.store import parse_filename
 
     named = parse_filename(v.path) or {}
     return {**v.raw, "tokenizer": tok.to_json(), "model_type": v.arch.get("type") or "gpt",
@@ -164,7 +165,8 @@ def _versions() -> dict[str, str]:
 def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
     """Write an lmpipe checkpoint as safetensors (+ config.json, tokenizer.json) or as a Hugging Face
     GPT-2 directory; return the directory."""
-    from lmpipe.checkpoint import load_checkpoint, tokenizer_from_checkpoint
+    from lmpipe.ckpt.rebuild import tokenizer_from_checkpoint
+    from lmpipe.ckpt.store import load_checkpoint
 
     ckpt = load_checkpoint(src, mmap=True)
     src = Path(src)
