@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.config import CheckpointConfig, TrainConfig
 from lmpipe.train.loop import TrainState, make_optimizer
 from lmpipe.train.saver import Checkpointer
@@ -35,10 +36,10 @@ def model_and_optimizer():
 
 
 def payload(model, opt, step: int) -> dict:
-    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "hyperparameters": {"model": {"type": "gpt", **SHAPE}}, "vocab_size": SHAPE["vocab_size"],
-            "block_size": SHAPE["block_size"], "batch_size": 1, "step": step, "tokenizer": "{}",
-            "run_id": "bench", "train_state": TrainState.fresh(TrainConfig()).to_dict()}
+    return build_payload(weights=model.state_dict(), optimizer=opt.state_dict(),
+                         hyperparameters={"model": {"type": "gpt", **SHAPE}}, tokenizer_json="{}", step=step,
+                         vocab_size=SHAPE["vocab_size"], block_size=SHAPE["block_size"], source="bench",
+                         run_id="bench", train_state=TrainState.fresh(TrainConfig()).to_dict(), batch_size=1)
 
 
 def dd_seconds(target: Path, nbytes: int) -> float:

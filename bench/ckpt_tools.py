@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
 from lmpipe.config import Config, ModelConfig
 from lmpipe.tokenizer import CharTokenizer
@@ -28,9 +29,9 @@ def payload(n_embd: int, n_layer: int, vocab: int, step: int) -> dict:
     arch = {"type": "gpt", "n_layer": n_layer, "n_head": 4, "n_embd": n_embd, "block_size": 256, "dropout": 0.0,
             "bias": False}
     model = build_model({**arch, "vocab_size": vocab})
-    return {"model_state_dict": model.state_dict(), "hyperparameters": Config(model=ModelConfig(**arch)).to_dict(),
-            "vocab_size": vocab, "block_size": 256, "batch_size": 8, "step": step, "model_type": "gpt",
-            "source": "bench", "tokenizer": CharTokenizer("abcdefgh").to_json(), "metrics": {"val_loss": 1.0}}
+    return build_payload(weights=model.state_dict(), hyperparameters=Config(model=ModelConfig(**arch)).to_dict(),
+                         tokenizer_json=CharTokenizer("abcdefgh").to_json(), step=step, vocab_size=vocab,
+                         block_size=256, source="bench", metrics={"val_loss": 1.0}, batch_size=8)
 
 
 # Linux carries a process's peak RSS across fork and exec, so a child of this (large) process reports

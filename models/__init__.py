@@ -27,3 +27,13 @@ def build_model(config: dict[str, Any]):
     config_cls = getattr(module, config_name)
     known = {f.name for f in fields(config_cls)}
     return getattr(module, model_name)(config_cls(**{k: v for k, v in config.items() if k in known}))
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups, as in nanoGPT: weight decay on matrices, not on biases and norms.
+    Training builds its optimizer from them; verifying a checkpoint's optimizer state needs the
+    same order, so it lives with the models rather than with either of them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

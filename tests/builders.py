@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
 from lmpipe.config import Config, ModelConfig, load_config
 from lmpipe.tokenizer import CharTokenizer
@@ -36,11 +37,11 @@ def lmpipe_payload(model=None, step: int = 10, source: str = "letters", arch: di
     arch = arch or ARCH
     model = model or tiny_model(arch)
     hp = Config(model=ModelConfig(**arch)).to_dict()
-    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": stepped_optimizer(model).state_dict(),
-            "hyperparameters": hp, "vocab_size": len(CHARS), "block_size": arch["block_size"], "batch_size": 4,
-            "step": step, "model_type": arch["type"], "source": source, "tokenizer": CharTokenizer(CHARS).to_json(),
-            "run_id": f"run{step}", "metrics": {"val_loss": 2.0 - step / 1000, "best_val_loss": 1.9},
-            "versions": {"torch": str(torch.__version__)}, **extra}
+    return {**build_payload(weights=model.state_dict(), optimizer=stepped_optimizer(model).state_dict(),
+                            hyperparameters=hp, tokenizer_json=CharTokenizer(CHARS).to_json(), step=step,
+                            vocab_size=len(CHARS), block_size=arch["block_size"], source=source,
+                            run_id=f"run{step}", metrics={"val_loss": 2.0 - step / 1000, "best_val_loss": 1.9},
+                            batch_size=4), **extra}
 
 
 def save_lmpipe(directory: Path, step: int = 10, model_type: str = "gpt", source: str = "letters", **kw) -> Path:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmpipe.ckpt.locate import resolve_checkpoint
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.ckpt.rebuild import model_from_checkpoint, tokenizer_from_checkpoint
 from lmpipe.ckpt.store import checkpoint_filename, load_checkpoint, parse_filename, save_checkpoint
 from lmpipe.common.errors import UserError
@@ -20,10 +21,9 @@ def _payload(step=10):
     opt = make_optimizer(model, cfg.train)
     model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
     opt.step()
-    return model, opt, {
-        "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-        "hyperparameters": cfg.to_dict(), "vocab_size": 5, "block_size": 8, "batch_size": 12, "step": step,
-        "tokenizer": CharTokenizer("abcde").to_json(), "model_type": "gpt", "source": "x"}
+    return model, opt, build_payload(weights=model.state_dict(), optimizer=opt.state_dict(),
+                                     hyperparameters=cfg.to_dict(), tokenizer_json=CharTokenizer("abcde").to_json(),
+                                     step=step, vocab_size=5, block_size=8, source="x")
 
 
 def test_filename_follows_the_seed_format():

@@ -70,6 +70,7 @@ def test_inspect_describes_everything(ckdir, capsys):
 def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(ckdir, capsys):
     """A stop request (Ctrl+C) between evaluations: the loop saves without evaluating, so list and
     inspect say when the last evaluation was instead of showing its loss as the checkpoint's."""
+    from lmpipe.ckpt.payload import build_payload
     from lmpipe.config import load_config
     from lmpipe.tokenizer import CharTokenizer
     from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
@@ -83,10 +84,11 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
 
     def save(step, st):  # what training_run's save writes: weights, optimizer, state, st.metrics()
         arch = {**ARCH, "type": "bigram"}
-        save_checkpoint(ckdir / checkpoint_filename("bigram", "stopped", step), {
-            **lmpipe_payload(step=step, source="stopped", arch=arch), "metrics": st.metrics(),
-            "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "train_state": st.to_dict()})
+        hp = lmpipe_payload(step=step, arch=arch)["hyperparameters"]
+        save_checkpoint(ckdir / checkpoint_filename("bigram", "stopped", step), build_payload(
+            weights=model.state_dict(), optimizer=opt.state_dict(), hyperparameters=hp, tokenizer_json="{}",
+            step=step, vocab_size=len(CHARS), block_size=16, source="stopped", train_state=st.to_dict(),
+            metrics=st.metrics()))
 
     train(model, opt, data, data, cfg, 16, "cpu", Callbacks(
         should_save=lambda step: step == 10, on_save=save,

@@ -11,6 +11,7 @@ import torch
 from lmpipe.ckpt.integrity import verify_checkpoint
 from lmpipe.ckpt.locate import resolve_checkpoint
 from lmpipe.ckpt.manifest import read_manifest
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.ckpt.rebuild import check_optimizer_state, model_from_checkpoint
 from lmpipe.ckpt.store import load_checkpoint, save_checkpoint
 from lmpipe.common.errors import UserError
@@ -45,10 +46,9 @@ def _payload(model, opt, state, cfg):
     kind = "gpt" if hasattr(model, "transformer") else "bigram"
     hp = cfg.to_dict()
     hp["model"].update({k: v for k, v in ARCH.items() if k != "vocab_size"}, type=kind)
-    return {"model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "hyperparameters": hp, "vocab_size": 11, "block_size": 8, "batch_size": 4,
-            "step": state.step, "tokenizer": "{}", "train_state": state.to_dict(), "run_id": "r",
-            "metrics": state.metrics()}
+    return build_payload(weights=model.state_dict(), optimizer=opt.state_dict(), hyperparameters=hp,
+                         tokenizer_json="{}", step=state.step, vocab_size=11, block_size=8, source="x",
+                         run_id="r", train_state=state.to_dict(), metrics=state.metrics(), batch_size=4)
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])

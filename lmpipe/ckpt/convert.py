@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lmpipe.ckpt.payload import build_payload
 from lmpipe.ckpt.safeload import pickle_load
 from lmpipe.ckpt.views import View, open_view
 from lmpipe.common.errors import UserError
@@ -73,11 +74,11 @@ def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_pa
     source = re.sub(r"[^a-z0-9]+", "_", str(config.get("dataset") or "nanogpt").lower()).strip("_") or "nanogpt"
     hp = config_from_dict({"model": {**model, "type": "gpt"}, "train": train, "data": {"source": source},
                            "tokenizer": {"kind": tok.kind}}).to_dict()
-    return {"model_state_dict": {k: t for k, t in v.state.items() if not is_mask_buffer(k)},
-            "hyperparameters": hp, "vocab_size": vocab, "block_size": int(args["block_size"]),
-            "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "gpt", "source": source,
-            "tokenizer": tok.to_json(), "metrics": {"val_loss": v.info.get("val_loss")},
-            "versions": _versions(), "imported_from": {"format": "nanogpt", "path": str(v.path)}}
+    return build_payload(weights={k: t for k, t in v.state.items() if not is_mask_buffer(k)},
+                         hyperparameters=hp, tokenizer_json=tok.to_json(), step=v.step or 0,
+                         vocab_size=vocab, block_size=int(args["block_size"]), source=source,
+                         metrics={"val_loss": v.info.get("val_loss")},
+                         imported_from={"format": "nanogpt", "path": str(v.path)})
 
 
 def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
@@ -100,10 +101,10 @@ def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
                            "tokenizer": {"kind": tok.kind}}).to_dict()
     state = {k: t.float() for k, t in strip_prefixes(dict(v.state)).items()}  # nanochat keeps bfloat16
     _refuse_unknown_tensors(v.path, state, {**hp["model"], "vocab_size": vocab})
-    return {"model_state_dict": state, "hyperparameters": hp, "vocab_size": vocab, "block_size": arch["block_size"],
-            "batch_size": hp["train"]["batch_size"], "step": v.step or 0, "model_type": "nanochat",
-            "source": source, "tokenizer": tok.to_json(), "metrics": {}, "versions": _versions(),
-            "imported_from": {"format": "nanochat", "path": str(v.path), "val_bpb": v.info.get("val_bpb")}}
+    return build_payload(weights=state, hyperparameters=hp, tokenizer_json=tok.to_json(), step=v.step or 0,
+                         vocab_size=vocab, block_size=arch["block_size"], source=source,
+                         imported_from={"format": "nanochat", "path": str(v.path),
+                                        "val_bpb": v.info.get("val_bpb")})
 
 
 def _nanochat_tokenizer(v: View, tokenizer_file: str | None):
@@ -146,18 +147,17 @@ def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
         raise UserError(f"{v.path}: also lacks {', '.join(missing)}; it cannot be rebuilt as an lmpipe checkpoint")
     from lmpipe.ckpt.store import parse_filename
 
-    named = parse_filename(v.path) or {}
-    return {**v.raw, "tokenizer": tok.to_json(), "model_type": v.arch.get("type") or "gpt",
-            "source": v.info.get("source") or named.get("source", "imported"), "step": v.step or 0,
-            "versions": _versions(), "imported_from": {"format": "lmpipe", "path": str(v.path)}}
+    named, raw = parse_filename(v.path) or {}, v.raw
+    payload = build_payload(weights=raw["model_state_dict"], hyperparameters=raw["hyperparameters"],
+                            model_type=v.arch.get("type") or "gpt", tokenizer_json=tok.to_json(),
+                            step=v.step or 0, vocab_size=raw["vocab_size"], block_size=raw["block_size"],
+                            source=v.info.get("source") or named.get("source", "imported"),
+                            optimizer=raw.get("optimizer_state_dict"), run_id=raw.get("run_id"),
+                            train_state=raw.get("train_state"), metrics=raw.get("metrics"),
+                            batch_size=raw.get("batch_size"),
+                            imported_from={"format": "lmpipe", "path": str(v.path)})
+    return {**raw, **payload}  # other keys it carries stay
 
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    import lmpipe
-
-    return {"torch": str(torch.__version__), "lmpipe": lmpipe.__version__}
 
 
 # --- export ----------------------------------------------------------------------------------------

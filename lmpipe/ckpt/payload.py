@@ -38,7 +38,7 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                   vocab_size: int, block_size: int, source: str, optimizer: dict | None = None,
                   run_id: str | None = None, train_state: dict | None = None,
                   metrics: dict | None = None, imported_from: dict | None = None,
-                  batch_size: int | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, model_type: str | None = None) -> dict[str, Any]:
     """The dictionary a checkpoint file holds (save_checkpoint adds format_version). Training,
     `lmpipe ckpt import` and the tests all build it here. Optional parts left None are left out:
     a checkpoint without train_state is one a resume must restart the optimizer for."""
@@ -46,7 +46,7 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                "hyperparameters": hyperparameters, "vocab_size": vocab_size, "block_size": block_size,
                "batch_size": (hyperparameters.get("train") or {}).get("batch_size")
                if batch_size is None else batch_size,
-               "step": step, "model_type": hyperparameters["model"]["type"], "source": source,
+               "step": step, "model_type": model_type or hyperparameters["model"]["type"], "source": source,
                "tokenizer": tokenizer_json, "run_id": run_id, "train_state": train_state,
                "metrics": metrics if metrics is not None else {}, "versions": _versions(),
                "imported_from": imported_from}

@@ -10,7 +10,7 @@ import torch
 
 from lmpipe import data, tokenizer, tracking
 from lmpipe.ckpt.integrity import verify_checkpoint
-from lmpipe.ckpt.payload import current_val_loss
+from lmpipe.ckpt.payload import build_payload, current_val_loss
 from lmpipe.ckpt.rebuild import (
     check_optimizer_state,
     model_from_checkpoint,
@@ -135,15 +135,11 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
                              protect=(resume.checkpoint,) if resume else ())
 
         def payload(step: int, state: TrainState) -> dict:
-            return {
-                "model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                "hyperparameters": {**cfg.to_dict(), "data": data_record(cfg, meta)}, "vocab_size": tok.vocab_size, "block_size": block,
-                "batch_size": cfg.train.batch_size, "step": step, "model_type": cfg.model.type,
-                "source": meta["source"], "tokenizer": tok.to_json(), "run_id": run_id,
-                "train_state": state.to_dict(),
-                "metrics": state.metrics(),
-                "versions": {"torch": str(torch.__version__), "lmpipe": _lmpipe_version()},
-            }
+            return build_payload(
+                weights=model.state_dict(), optimizer=optimizer.state_dict(),
+                hyperparameters={**cfg.to_dict(), "data": data_record(cfg, meta)}, tokenizer_json=tok.to_json(),
+                step=step, vocab_size=tok.vocab_size, block_size=block, source=meta["source"], run_id=run_id,
+                train_state=state.to_dict(), metrics=state.metrics())
 
         def name(step: int) -> Path:
             return ckpt_dir / checkpoint_filename(cfg.model.type, meta["source"], step)
@@ -219,9 +215,3 @@ def _log_artifacts(state: TrainState) -> None:
                         (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")):
         if Path(path).exists():
             mlflow.log_artifact(str(path), where)
-
-
-def _lmpipe_version() -> str:
-    import lmpipe
-
-    return lmpipe.__version__
