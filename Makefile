@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: setup run test test-fast bench repro ui lock clean
+.PHONY: setup run test test-fast lint fmt bench repro ui lock clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ run: setup
 # fault tests run in order among themselves while the rest of the suite runs beside them.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test: setup
+test: setup lint
 	$(PYTEST)
+
+# ruff: pycodestyle, pyflakes, import order, bugbear (settings in pyproject.toml). `make fmt` applies
+# the fixes ruff can make safely (import order, most of all); long lines are wrapped by hand.
+lint: setup
+	$(BIN)/ruff check .
+
+fmt: setup
+	$(BIN)/ruff check --fix .
 
 test-fast: setup
 	$(PYTEST) -m "not slow"

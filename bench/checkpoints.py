@@ -20,7 +20,8 @@ from lmpipe.config import CheckpointConfig, TrainConfig
 from lmpipe.train.loop import TrainState, make_optimizer
 from lmpipe.train.saver import Checkpointer
 
-SHAPE = dict(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False)
+SHAPE = dict(vocab_size=50304, block_size=256, n_layer=12, n_head=12, n_embd=768, dropout=0.0,
+             bias=False)
 
 
 def model_and_optimizer():
@@ -37,9 +38,12 @@ def model_and_optimizer():
 
 def payload(model, opt, step: int) -> dict:
     return build_payload(weights=model.state_dict(), optimizer=opt.state_dict(),
-                         hyperparameters={"model": {"type": "gpt", **SHAPE}}, tokenizer_json="{}", step=step,
-                         vocab_size=SHAPE["vocab_size"], block_size=SHAPE["block_size"], source="bench",
-                         run_id="bench", train_state=TrainState.fresh(TrainConfig()).to_dict(), batch_size=1)
+                         hyperparameters={"model": {"type": "gpt", **SHAPE}}, tokenizer_json="{}",
+                         step=step,
+                         vocab_size=SHAPE["vocab_size"], block_size=SHAPE["block_size"],
+                         source="bench",
+                         run_id="bench", train_state=TrainState.fresh(TrainConfig()).to_dict(),
+                         batch_size=1)
 
 
 def dd_seconds(target: Path, nbytes: int) -> float:
@@ -78,7 +82,8 @@ def main(rounds: int = 5) -> None:
             size = name(r).stat().st_size
             name(r).unlink()
 
-        save_checkpoint(name(99), payload(model, opt, 99))  # warm-up: first-touch costs are not the disk's
+        # warm-up: first-touch costs are not the disk's
+        save_checkpoint(name(99), payload(model, opt, 99))
         name(99).unlink()
         for r in range(rounds):
             if r % 2 == 0:
@@ -91,8 +96,11 @@ def main(rounds: int = 5) -> None:
         stalls: dict[str, list[float]] = {"sync": [], "async": []}
         totals = []
         for mode in ("sync", "async"):
-            ck = Checkpointer(directory, CheckpointConfig(dir=str(directory), async_save=mode == "async"), "bench")
-            for r in range(rounds + 1):  # the first save of each mode is a warm-up (async: buffer allocation)
+            ck = Checkpointer(directory,
+                              CheckpointConfig(dir=str(directory), async_save=mode == "async"),
+                              "bench")
+            # the first save of each mode is a warm-up (async: buffer allocation)
+            for r in range(rounds + 1):
                 os.sync()
                 t0 = time.perf_counter()
                 ck.save(name(100 + r), payload(model, opt, r))
@@ -108,15 +116,15 @@ def main(rounds: int = 5) -> None:
         print("save", [round(x, 2) for x in save_s], "dd", [round(x, 2) for x in dd_s], stalls)
     s, a = statistics.median(stalls["sync"]), statistics.median(stalls["async"])
     save_rate, dd_rate = size / statistics.median(save_s), size / statistics.median(dd_s)
-    paired = statistics.median(d / v for d, v in zip(dd_s, save_s))
-    print(f"checkpoint saving: {n_params / 1e6:.0f}M parameters + AdamW state, {size / 1e9:.2f} GB per checkpoint, "
-          f"medians of {rounds}")
+    paired = statistics.median(d / v for d, v in zip(dd_s, save_s, strict=True))
+    print(f"checkpoint saving: {n_params / 1e6:.0f}M parameters + AdamW state, {size / 1e9:.2f} GB "
+          f"per checkpoint, medians of {rounds}")
     print(f"  synchronous save: training stalls {s:6.2f} s")
     print(f"  asynchronous save: training stalls {a:6.2f} s (snapshot into reused CPU buffers); "
           f"the write finishes {statistics.median(totals):.2f} s after save() was called")
     print(f"  stall ratio async/sync: {a / s:.2f}  (target <= 0.15)")
-    print(f"  save throughput {save_rate / 1e6:,.0f} MB/s vs dd conv=fsync {dd_rate / 1e6:,.0f} MB/s on the same "
-          f"disk: {paired:.2f} (median of paired rounds)  (target >= 0.5)")
+    print(f"  save throughput {save_rate / 1e6:,.0f} MB/s vs dd conv=fsync {dd_rate / 1e6:,.0f} "
+          f"MB/s on the same disk: {paired:.2f} (median of paired rounds)  (target >= 0.5)")
 
 
 if __name__ == "__main__":

@@ -26,19 +26,22 @@ LMPIPE = [sys.executable, "-m", "lmpipe"]
 def payload(n_embd: int, n_layer: int, vocab: int, step: int) -> dict:
     from models import build_model
 
-    arch = {"type": "gpt", "n_layer": n_layer, "n_head": 4, "n_embd": n_embd, "block_size": 256, "dropout": 0.0,
+    arch = {"type": "gpt", "n_layer": n_layer, "n_head": 4, "n_embd": n_embd, "block_size": 256,
+            "dropout": 0.0,
             "bias": False}
     model = build_model({**arch, "vocab_size": vocab})
-    return build_payload(weights=model.state_dict(), hyperparameters=Config(model=ModelConfig(**arch)).to_dict(),
-                         tokenizer_json=CharTokenizer("abcdefgh").to_json(), step=step, vocab_size=vocab,
+    return build_payload(weights=model.state_dict(),
+                         hyperparameters=Config(model=ModelConfig(**arch)).to_dict(),
+                         tokenizer_json=CharTokenizer("abcdefgh").to_json(), step=step,
+                         vocab_size=vocab,
                          block_size=256, source="bench", metrics={"val_loss": 1.0}, batch_size=8)
 
 
-# Linux carries a process's peak RSS across fork and exec, so a child of this (large) process reports
-# at least our own peak; a small wrapper process measures its child instead.
-_WRAPPER = ("import os, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
-            "stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-            "sys.exit(r.returncode)")
+# Linux carries a process's peak RSS across fork and exec, so a child of this (large) process
+# reports at least our own peak; a small wrapper process measures its child instead.
+_WRAPPER = ("import os, resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
 
 
 def run_measured(args: list[str]) -> tuple[float, int]:
@@ -57,8 +60,10 @@ def main() -> None:
         for step in range(1, 101):
             save_checkpoint(root / "many" / checkpoint_filename("gpt", "bench", step),
                                        {**small, "step": step})
-        times = sorted(run_measured([*LMPIPE, "ckpt", "list", str(root / "many")])[0] for _ in range(3))
-        print(f"ckpt list, 100 checkpoints: {times[1]:.2f} s (median of 3; target < 2 s): ratio {times[1] / 2:.2f}")
+        times = sorted(run_measured([*LMPIPE, "ckpt", "list",
+                                     str(root / "many")])[0] for _ in range(3))
+        print(f"ckpt list, 100 checkpoints: {times[1]:.2f} s (median of 3; target < 2 s): ratio "
+              f"{times[1] / 2:.2f}")
 
         tiny = root / "tiny" / checkpoint_filename("gpt", "bench", 1)
         save_checkpoint(tiny, small)
@@ -68,10 +73,12 @@ def main() -> None:
         _, base = run_measured([*LMPIPE, "ckpt", "inspect", str(tiny), "--json"])
         _, peak = run_measured([*LMPIPE, "ckpt", "inspect", str(big), "--json"])
         grow = max(peak - base, 0)
-        _, full = run_measured([sys.executable, "-c", f"import torch; torch.load({str(big)!r}, weights_only=True)"])
-        print(f"(reference: torch.load without mmap peaks at {full / 1e6:.0f} MB, inspect at {peak / 1e6:.0f} MB)")
-        print(f"ckpt inspect, {size / 1e6:.0f} MB checkpoint: peak RSS +{grow / 1e6:.0f} MB over a tiny one "
-              f"(target < 0.1 of the file): ratio {grow / size:.3f}")
+        _, full = run_measured([sys.executable, "-c",
+                                f"import torch; torch.load({str(big)!r}, weights_only=True)"])
+        print(f"(reference: torch.load without mmap peaks at {full / 1e6:.0f} MB, inspect at "
+              f"{peak / 1e6:.0f} MB)")
+        print(f"ckpt inspect, {size / 1e6:.0f} MB checkpoint: peak RSS +{grow / 1e6:.0f} MB over a "
+              f"tiny one (target < 0.1 of the file): ratio {grow / size:.3f}")
         verify_speed(big)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -111,8 +118,8 @@ def verify_speed(path: Path | None = None, rounds: int = 3) -> None:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
     v, r, s = (statistics.median(times[k]) / gb for k in ("verify", "read", "sha256"))
-    print(f"self-verify (zip CRC-32s), {gb * 1e3:.0f} MB checkpoint from the page cache, medians of "
-          f"{rounds}: self-verify s/GB vs read s/GB: {v:.2f} vs {r:.2f}: ratio {v / r:.2f}  "
+    print(f"self-verify (zip CRC-32s), {gb * 1e3:.0f} MB checkpoint from the page cache, medians "
+          f"of {rounds}: self-verify s/GB vs read s/GB: {v:.2f} vs {r:.2f}: ratio {v / r:.2f}  "
           f"(sha256, the manifest check: {s:.2f} s/GB)")
 
 

@@ -24,7 +24,8 @@ def corpus_ids() -> tuple[torch.Tensor, int]:
     from lmpipe.data import BUNDLED_CORPORA
 
     path = CORPUS if CORPUS.exists() else None
-    text = path.read_text() if path else "".join(p.read_text() for p in sorted((BUNDLED_CORPORA / "dear_agnes").glob("*.md")))
+    bundled = sorted((BUNDLED_CORPORA / "dear_agnes").glob("*.md"))
+    text = path.read_text() if path else "".join(p.read_text() for p in bundled)
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
     return torch.tensor([stoi[c] for c in text], dtype=torch.long), len(chars)
@@ -40,8 +41,8 @@ def hf_gpt2(vocab: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(vocab_size=vocab, n_positions=SHAPE["block_size"], n_embd=SHAPE["n_embd"],
-                     n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0)
+                     n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
     model = GPT2LMHeadModel(cfg)
 
     class Wrap(torch.nn.Module):  # same (logits, loss) interface
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         n = sum(p.numel() for p in models[name].parameters())
         print(f"  {name:<38} {statistics.median(v) * tokens:>10,.0f} tokens/s   ({n:,} params)")
     for name in list(models)[:2]:
-        ratio = statistics.median(a / b for a, b in zip(rates[name], rates[hf]))  # paired by round
+        # paired by round
+        ratio = statistics.median(a / b for a, b in zip(rates[name], rates[hf], strict=True))
         print(f"  ratio {name} / transformers: {ratio:.2f}x")
     print("  target: the params.yaml model >= 1.1x")
 

@@ -40,13 +40,17 @@ def resolve_source(source: str, root: Path = Path(".")) -> Source:
             f"data.source {source!r}: no such file, directory or bundled corpus; "
             f"give a path to a .md/.txt file or directory, or one of: {', '.join(bundled)}")
     if found.is_dir():
-        files = tuple(sorted(p for p in found.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-                             and not any(part.startswith(".") for part in p.relative_to(found).parts)))
+        files = tuple(sorted(p for p in found.rglob("*") if p.is_file()
+                             and p.suffix.lower() in TEXT_SUFFIXES
+                             and not any(part.startswith(".") for part
+                                         in p.relative_to(found).parts)))
         if not files:
-            raise UserError(f"data.source {str(found)!r}: directory has no .md or .txt files; add some")
+            raise UserError(f"data.source {str(found)!r}: directory has no .md or .txt files; add "
+                            "some")
     else:
         if found.suffix.lower() not in TEXT_SUFFIXES:
-            raise UserError(f"data.source {str(found)!r}: expected a .md or .txt file, got {found.suffix or 'no suffix'}")
+            raise UserError(f"data.source {str(found)!r}: expected a .md or .txt file, got "
+                            f"{found.suffix or 'no suffix'}")
         files = (found,)
     return Source(source_name(found.stem if found.is_file() else found.name), files)
 
@@ -55,18 +59,20 @@ def read_text(path: Path) -> str:
     """UTF-8 → NFC, LF line endings, no BOM. Binary or non-UTF-8 input is a UserError."""
     raw = path.read_bytes()
     if b"\x00" in raw:
-        raise UserError(f"{path}: looks like a binary file (contains NUL bytes); give a UTF-8 text file")
+        raise UserError(f"{path}: looks like a binary file (contains NUL bytes); give a UTF-8 text "
+                        "file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(
-            f"{path}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8, e.g. iconv -t UTF-8") from None
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start}); re-save it as UTF-8, e.g. "
+                        "iconv -t UTF-8") from None
     text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return unicodedata.normalize("NFC", text)
 
 
 def split_documents(text: str, markdown: bool) -> list[str]:
-    """Markdown: one document per `## ` section (the letters of a column). Text: blank-line blocks."""
+    """Markdown: one document per `## ` section (the letters of a column). Text: blank-line
+    blocks."""
     pattern = r"\n(?=## )" if markdown else r"\n\s*\n"
     docs = [d.strip() for d in re.split(pattern, text)]
     return [d for d in docs if d]
@@ -129,7 +135,8 @@ def split_corpus(source_spec: str, val_fraction: float, seed: int, min_chars: in
     for f in source.files:
         text = read_text(f)
         if not text.strip():
-            raise UserError(f"{f}: empty or whitespace-only; add text or remove the file from {source_spec!r}")
+            raise UserError(f"{f}: empty or whitespace-only; add text or remove the file from "
+                            f"{source_spec!r}")
         docs.extend(split_documents(text, markdown=f.suffix.lower() == ".md"))
     unique = dedupe(docs)
     train, val = split_train_val(unique, val_fraction, seed)
@@ -139,8 +146,8 @@ def split_corpus(source_spec: str, val_fraction: float, seed: int, min_chars: in
         if n <= min_chars:
             where = source.files[0] if len(source.files) == 1 else source_spec
             raise UserError(
-                f"{where}: corpus too small: the {split} split has {n} characters, not more than one "
-                f"training block ({min_chars}); add text or lower model.block_size")
+                f"{where}: corpus too small: the {split} split has {n} characters, not more than "
+                f"one training block ({min_chars}); add text or lower model.block_size")
     return corpus
 
 
@@ -173,5 +180,6 @@ def prepare(source_spec: str, val_fraction: float, seed: int, min_chars: int,
 def load_meta(out_dir: Path = PREPARED_DIR) -> dict:
     path = out_dir / "meta.json"
     if not path.exists():
-        raise UserError(f"{path}: prepared data not found; run 'lmpipe stage prepare' (or 'lmpipe run') first")
+        raise UserError(f"{path}: prepared data not found; run 'lmpipe stage prepare' (or 'lmpipe "
+                        "run') first")
     return json.loads(path.read_text())

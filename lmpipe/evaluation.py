@@ -1,4 +1,5 @@
-"""Held-out evaluation: validation loss, perplexity and bits per byte (comparable across tokenizers)."""
+"""Held-out evaluation: validation loss, perplexity and bits per byte (comparable across
+tokenizers)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ def evaluate(model: torch.nn.Module, val_ids: torch.Tensor, n_bytes: int, block_
              batch_size: int = 32, max_batches: int = 0, device: str = "cpu") -> dict[str, float]:
     """Mean next-token loss over consecutive, non-overlapping windows of the validation split.
 
-    bits_per_byte = loss / ln 2 × tokens / bytes: the same text scores the same whatever the tokenizer.
+    bits_per_byte = loss / ln 2 × tokens / bytes: the same text scores the same whatever the
+    tokenizer.
     """
     model.eval()
     n_windows = (len(val_ids) - 1) // block_size
@@ -22,9 +24,11 @@ def evaluate(model: torch.nn.Module, val_ids: torch.Tensor, n_bytes: int, block_
     total_loss, total_tokens = 0.0, 0
     for chunk in starts.split(batch_size):
         x = torch.stack([val_ids[s:s + block_size] for s in chunk.tolist()]).to(device)  # (B, T)
-        y = torch.stack([val_ids[s + 1:s + 1 + block_size] for s in chunk.tolist()]).to(device)  # (B, T)
+        # (B, T)
+        y = torch.stack([val_ids[s + 1:s + 1 + block_size] for s in chunk.tolist()]).to(device)
         logits, _ = model(x)  # (B, T, vocab)
-        total_loss += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+        total_loss += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                      reduction="sum").item()
         total_tokens += y.numel()
     loss = total_loss / total_tokens
     bytes_per_token = n_bytes / len(val_ids)

@@ -1,6 +1,7 @@
 """Tokenizers behind one interface: encode, decode, to_json/save, load, vocab_size.
 
-- char: the vocabulary (every character of the corpus) is stored in the file, so it rebuilds exactly.
+- char: the vocabulary (every character of the corpus) is stored in the file, so it rebuilds
+  exactly.
 - bpe:  byte-level BPE trained on the train split with the `tokenizers` library.
 - gpt2: GPT-2's byte-level BPE, from a local model directory (or a hub name when online).
 - tiktoken: a tiktoken-style byte-level BPE (merge ranks + split pattern), as nanochat saves it;
@@ -76,8 +77,8 @@ class HFTokenizer:
 
 class RankedBPE:
     """tiktoken's byte-level BPE from its data alone (no tiktoken needed): the text is split by the
-    pattern, and each piece's bytes are merged pairwise, lowest rank first. Special tokens decode but
-    are never produced by encode (tiktoken's encode_ordinary)."""
+    pattern, and each piece's bytes are merged pairwise, lowest rank first. Special tokens decode
+    but are never produced by encode (tiktoken's encode_ordinary)."""
     kind = "tiktoken"
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, special: dict[str, int]):
@@ -99,7 +100,8 @@ class RankedBPE:
             return [self.ranks[piece]]
         parts = [piece[i:i + 1] for i in range(len(piece))]
         while len(parts) > 1:
-            pairs = [(self.ranks.get(a + b, 1 << 62), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            pairs = [(self.ranks.get(a + b, 1 << 62), i) for i,
+                     (a, b) in enumerate(zip(parts, parts[1:], strict=False))]
             rank, i = min(pairs)
             if rank == 1 << 62:
                 break
@@ -112,9 +114,11 @@ class RankedBPE:
     def to_json(self) -> str:
         import base64
 
-        return json.dumps({"format": FORMAT, "version": 1, "kind": self.kind, "pattern": self.pattern,
+        return json.dumps({"format": FORMAT, "version": 1, "kind": self.kind,
+                           "pattern": self.pattern,
                            "special": self.special,
-                           "ranks": {base64.b64encode(b).decode(): i for b, i in self.ranks.items()}})
+                           "ranks": {base64.b64encode(b).decode(): i for b,
+                                     i in self.ranks.items()}})
 
     @classmethod
     def from_spec(cls, spec: dict) -> "RankedBPE":
@@ -179,7 +183,8 @@ def _hf_cached_file(repo_id: str) -> Path | None:
     return Path(hit) if isinstance(hit, str) else None
 
 
-def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int, gpt2_path: str) -> Tokenizer:
+def build_tokenizer(kind: str, train_text: str, val_text: str, vocab_size: int,
+                    gpt2_path: str) -> Tokenizer:
     if kind == "char":
         # Both splits: a character seen only in validation must still be encodable.
         return CharTokenizer(train_text + val_text)
@@ -194,10 +199,11 @@ def from_json(text: str) -> Tokenizer:
     try:
         spec = json.loads(text)
     except ValueError as e:
-        raise UserError(f"tokenizer is not valid JSON ({e}); rebuild it with 'lmpipe stage tokenizer'") from None
+        raise UserError(f"tokenizer is not valid JSON ({e}); rebuild it with 'lmpipe stage "
+                        "tokenizer'") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise UserError("tokenizer JSON is not an lmpipe tokenizer (missing format 'lmpipe-tokenizer'); "
-                        "rebuild it with 'lmpipe stage tokenizer'")
+        raise UserError("tokenizer JSON is not an lmpipe tokenizer (missing format "
+                        "'lmpipe-tokenizer'); rebuild it with 'lmpipe stage tokenizer'")
     kind = spec.get("kind")
     if kind == "char" and isinstance(spec.get("vocab"), list):
         return CharTokenizer(spec["vocab"], keep_order=True)
@@ -205,9 +211,11 @@ def from_json(text: str) -> Tokenizer:
         from tokenizers import Tokenizer as HFTok
 
         return HFTokenizer(kind, HFTok.from_str(json.dumps(spec["tokenizer"])))
-    if kind == "tiktoken" and isinstance(spec.get("ranks"), dict) and isinstance(spec.get("pattern"), str):
+    if kind == "tiktoken" and isinstance(spec.get("ranks"),
+                                         dict) and isinstance(spec.get("pattern"), str):
         return RankedBPE.from_spec(spec)
-    raise UserError(f"tokenizer JSON of kind {kind!r} is incomplete or unknown; rebuild it with 'lmpipe stage tokenizer'")
+    raise UserError(f"tokenizer JSON of kind {kind!r} is incomplete or unknown; rebuild it with "
+                    "'lmpipe stage tokenizer'")
 
 
 def save(tok: Tokenizer, path: str | Path = TOKENIZER_FILE) -> Path:
@@ -218,5 +226,6 @@ def save(tok: Tokenizer, path: str | Path = TOKENIZER_FILE) -> Path:
 def load(path: str | Path = TOKENIZER_FILE) -> Tokenizer:
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: tokenizer not found; run 'lmpipe stage tokenizer' (or 'lmpipe run') first")
+        raise UserError(f"{path}: tokenizer not found; run 'lmpipe stage tokenizer' (or 'lmpipe "
+                        "run') first")
     return from_json(path.read_text(encoding="utf-8"))

@@ -11,12 +11,14 @@ MODELS = {
     # key: (module, config class, model class); imported lazily so `import models` stays cheap.
     "bigram": ("models.bigram", "BigramConfig", "Bigram"),
     "gpt": ("models.gpt", "GPTConfig", "GPT"),
-    "nanochat": ("models.nanochat", "NanochatConfig", "Nanochat"),  # nanochat's GPT, for imported checkpoints
+    # nanochat's GPT, for imported checkpoints
+    "nanochat": ("models.nanochat", "NanochatConfig", "Nanochat"),
 }
 
 
 def build_model(config: dict[str, Any]):
-    """config: {"type": key, "vocab_size": V, ...architecture keys}; keys a model does not use are ignored."""
+    """config: {"type": key, "vocab_size": V, ...architecture keys}; keys a model does not use
+    are ignored."""
     import importlib
 
     kind = config["type"]
@@ -26,7 +28,8 @@ def build_model(config: dict[str, Any]):
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)
     known = {f.name for f in fields(config_cls)}
-    return getattr(module, model_name)(config_cls(**{k: v for k, v in config.items() if k in known}))
+    return getattr(module,
+                   model_name)(config_cls(**{k: v for k, v in config.items() if k in known}))
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:

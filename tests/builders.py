@@ -17,7 +17,8 @@ from lmpipe.train.loop import make_optimizer
 from models import build_model
 
 CHARS = sorted(set("Dear Agnes, my hedge is too tall.\n"))
-ARCH = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "dropout": 0.0, "bias": False}
+ARCH = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "dropout": 0.0,
+        "bias": False}
 
 
 def tiny_model(arch: dict | None = None, vocab: int = len(CHARS), seed: int = 0):
@@ -33,18 +34,23 @@ def stepped_optimizer(model):
     return opt
 
 
-def lmpipe_payload(model=None, step: int = 10, source: str = "letters", arch: dict | None = None, **extra) -> dict:
+def lmpipe_payload(model=None, step: int = 10, source: str = "letters", arch: dict | None = None,
+                   **extra) -> dict:
     arch = arch or ARCH
     model = model or tiny_model(arch)
     hp = Config(model=ModelConfig(**arch)).to_dict()
-    return {**build_payload(weights=model.state_dict(), optimizer=stepped_optimizer(model).state_dict(),
-                            hyperparameters=hp, tokenizer_json=CharTokenizer(CHARS).to_json(), step=step,
+    return {**build_payload(weights=model.state_dict(),
+                            optimizer=stepped_optimizer(model).state_dict(),
+                            hyperparameters=hp, tokenizer_json=CharTokenizer(CHARS).to_json(),
+                            step=step,
                             vocab_size=len(CHARS), block_size=arch["block_size"], source=source,
-                            run_id=f"run{step}", metrics={"val_loss": 2.0 - step / 1000, "best_val_loss": 1.9},
+                            run_id=f"run{step}",
+                            metrics={"val_loss": 2.0 - step / 1000, "best_val_loss": 1.9},
                             batch_size=4), **extra}
 
 
-def save_lmpipe(directory: Path, step: int = 10, model_type: str = "gpt", source: str = "letters", **kw) -> Path:
+def save_lmpipe(directory: Path, step: int = 10, model_type: str = "gpt", source: str = "letters",
+                **kw) -> Path:
     path = Path(directory) / checkpoint_filename(model_type, source, step)
     save_checkpoint(path, lmpipe_payload(step=step, source=source, **kw))
     return path
@@ -54,13 +60,16 @@ def save_nanogpt(root: Path, compiled: bool = True, with_meta: bool = True) -> P
     """out/ckpt.pt as nanoGPT's train.py writes it, and data/shakespeare_char/meta.pkl."""
     model = tiny_model({**ARCH, "bias": True, "dropout": 0.1})
     state = {("_orig_mod." if compiled else "") + k: v for k, v in model.state_dict().items()}
-    args = {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "bias": True, "vocab_size": len(CHARS),
+    args = {"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 16, "bias": True,
+            "vocab_size": len(CHARS),
             "dropout": 0.1}
-    config = {"dataset": "shakespeare_char", "learning_rate": 1e-3, "max_iters": 5000, "batch_size": 12,
+    config = {"dataset": "shakespeare_char", "learning_rate": 1e-3, "max_iters": 5000,
+              "batch_size": 12,
               "warmup_iters": 100, "min_lr": 1e-4, "compile": compiled}
     path = Path(root) / "out" / "ckpt.pt"
     path.parent.mkdir(parents=True)
-    torch.save({"model": state, "optimizer": stepped_optimizer(model).state_dict(), "model_args": args,
+    torch.save({"model": state, "optimizer": stepped_optimizer(model).state_dict(),
+                "model_args": args,
                 "iter_num": 250, "best_val_loss": torch.tensor(1.4697), "config": config}, path)
     if with_meta:
         meta = Path(root) / "data" / "shakespeare_char" / "meta.pkl"
@@ -75,7 +84,8 @@ def save_nanochat(base: Path, tag: str = "d2", steps=(100, 200)) -> Path:
     """<base>/base_checkpoints/<tag>/{model,meta,optim}_XXXXXX files and <base>/tokenizer/."""
     d = Path(base) / "base_checkpoints" / tag
     d.mkdir(parents=True)
-    cfg = {"sequence_len": 16, "vocab_size": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "n_embd": 8}
+    cfg = {"sequence_len": 16, "vocab_size": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 2,
+           "n_embd": 8}
     torch.manual_seed(1)
     state = {"transformer.wte.weight": torch.randn(32, 8), "lm_head.weight": torch.randn(32, 8)}
     for i in range(2):
@@ -86,7 +96,8 @@ def save_nanochat(base: Path, tag: str = "d2", steps=(100, 200)) -> Path:
     for step in steps:
         torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, d / f"model_{step:06d}.pt")
         (d / f"meta_{step:06d}.json").write_text(json.dumps(
-            {"step": step, "val_bpb": 1.1 - step / 1000, "model_config": cfg, "user_config": {"depth": 2},
+            {"step": step, "val_bpb": 1.1 - step / 1000, "model_config": cfg,
+             "user_config": {"depth": 2},
              "device_batch_size": 4, "max_seq_len": 16}))
         adam = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(32, 8))]).state_dict()
         torch.save([adam], d / f"optim_{step:06d}_rank0.pt")
@@ -105,12 +116,14 @@ def save_hf(d: Path, step: int | None = 300, weights: str = "model.safetensors")
     torch.manual_seed(2)
     t = {"transformer.wte.weight": torch.randn(40, 8), "transformer.wpe.weight": torch.randn(16, 8),
          "transformer.ln_f.weight": torch.ones(8), "transformer.ln_f.bias": torch.zeros(8),
-         "transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.h.0.attn.c_attn.bias": torch.zeros(24)}
+         "transformer.h.0.attn.c_attn.weight": torch.randn(8, 24),
+         "transformer.h.0.attn.c_attn.bias": torch.zeros(24)}
     if weights == "model.safetensors":
         save_file(t, str(d / weights))
     else:
         torch.save(t, d / weights)
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 40, "n_positions": 16,
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 40,
+                                               "n_positions": 16,
                                                "n_embd": 8, "n_layer": 1, "n_head": 2}))
     (d / "tokenizer.json").write_text("{}")
     if step is not None:
@@ -123,7 +136,9 @@ def save_lightning(path: Path, hyper_parameters=None) -> Path:
     torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "optimizer_states": [stepped_optimizer(model).state_dict()], "lr_schedulers": [],
-                "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}": {"best_model_score": torch.tensor(1.2)}},
-                "hparams_name": "kwargs", "hyper_parameters": hyper_parameters or {"n_layer": 1, "lr": 1e-3},
+                "callbacks": {"ModelCheckpoint{'monitor': 'val_loss'}":
+                              {"best_model_score": torch.tensor(1.2)}},
+                "hparams_name": "kwargs",
+                "hyper_parameters": hyper_parameters or {"n_layer": 1, "lr": 1e-3},
                 "loops": {}}, path)
     return path

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny project in a temporary directory, and one Prefect test harness per session."""
+"""Shared fixtures: a tiny project in a temporary directory, and one Prefect test harness per
+session."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,8 @@ BIN = Path(sys.executable).parent  # the venv's bin: lmpipe, dvc
 
 apply_offline_defaults()
 
-TOPICS = ["the neighbour's hedge", "my sister's wedding", "a borrowed lawnmower", "the office kettle",
+TOPICS = ["the neighbour's hedge", "my sister's wedding", "a borrowed lawnmower",
+          "the office kettle",
           "our noisy parrot", "a forgotten birthday", "the book club", "my brother's loan",
           "the allotment shed", "a holiday rota", "the choir solo", "a dog called Biscuit"]
 
@@ -26,19 +28,21 @@ def tiny_corpus() -> str:
     letters = []
     for i, topic in enumerate(TOPICS):
         letters.append(
-            f"## About {topic}\n\nDear Agnes,\n\nI have a problem with {topic}. It started in spring and "
-            f"it has not stopped. What should I do about {topic}?\n\n— Worried in Town {i}\n\n"
-            f"**Agnes replies:** Dear Worried, talk to them kindly about {topic}, and then let it go. "
-            "Most trouble shrinks when it is named out loud.\n")
+            f"## About {topic}\n\nDear Agnes,\n\nI have a problem with {topic}. It started in "
+            f"spring and it has not stopped. What should I do about {topic}?\n\n— Worried in Town "
+            f"{i}\n\n**Agnes replies:** Dear Worried, talk to them kindly about {topic}, and then "
+            "let it go. Most trouble shrinks when it is named out loud.\n")
     return "# Dear Agnes\n\n" + "\n".join(letters)
 
 
 _TINY = {
     "data": {"source": "data/corpus.md", "val_fraction": 0.2, "seed": 1},
     "tokenizer": {"kind": "char", "vocab_size": 300},
-    "model": {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "dropout": 0.0},
+    "model": {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
+              "dropout": 0.0},
     "train": {"steps": 20, "batch_size": 4, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 2,
-              "eval_interval": 10, "eval_batches": 2, "log_interval": 5, "seed": 7, "device": "cpu"},
+              "eval_interval": 10, "eval_batches": 2, "log_interval": 5, "seed": 7,
+              "device": "cpu"},
     "checkpoint": {"enabled": True, "interval": 10, "dir": "checkpoints"},
     "evaluate": {"batch_size": 8, "max_batches": 4},
     "generate": {"prompt": "Dear Agnes,", "max_new_tokens": 20, "device": "cpu"},

@@ -15,14 +15,18 @@ from models import build_model
 
 
 def _payload(step=10):
-    cfg = load_config(None, ["model.n_layer=1", "model.n_embd=8", "model.n_head=2", "model.block_size=8"], env={})
+    cfg = load_config(None,
+                      ["model.n_layer=1", "model.n_embd=8", "model.n_head=2", "model.block_size=8"],
+                      env={})
     torch.manual_seed(0)
-    model = build_model({"type": "gpt", "vocab_size": 5, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8})
+    model = build_model({"type": "gpt", "vocab_size": 5, "n_layer": 1, "n_head": 2, "n_embd": 8,
+                         "block_size": 8})
     opt = make_optimizer(model, cfg.train)
     model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
     opt.step()
     return model, opt, build_payload(weights=model.state_dict(), optimizer=opt.state_dict(),
-                                     hyperparameters=cfg.to_dict(), tokenizer_json=CharTokenizer("abcde").to_json(),
+                                     hyperparameters=cfg.to_dict(),
+                                     tokenizer_json=CharTokenizer("abcde").to_json(),
                                      step=step, vocab_size=5, block_size=8, source="x")
 
 
@@ -40,7 +44,8 @@ def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     entry = save_checkpoint(path, payload)
     assert entry["size"] == path.stat().st_size and entry["step"] == 10
     raw = torch.load(path, weights_only=True)  # safe loading works on the raw file
-    for key in ("model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size", "block_size",
+    for key in ("model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size",
+                "block_size",
                 "batch_size", "step", "tokenizer", "format_version"):
         assert key in raw
     loaded = load_checkpoint(path)
@@ -54,12 +59,14 @@ def test_round_trip_identical_tensors_and_hyperparameters(tmp_path):
     x = torch.randint(0, 5, (1, 8))
     assert torch.equal(rebuilt(x)[0], model.eval()(x)[0])
     assert tokenizer_from_checkpoint(loaded).decode([0, 4]) == "ae"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.json", "c.pt"]  # no temporary left
+    # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".manifest.json", "c.pt"]
 
 
 def test_compiled_model_prefixes_are_stripped(tmp_path):
     _, _, payload = _payload()
-    payload["model_state_dict"] = {f"_orig_mod.{k}": v for k, v in payload["model_state_dict"].items()}
+    payload["model_state_dict"] = {f"_orig_mod.{k}": v for k,
+                                   v in payload["model_state_dict"].items()}
     save_checkpoint(tmp_path / "c.pt", payload)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in raw["model_state_dict"])

@@ -29,10 +29,12 @@ def test_precedence_cli_over_env_over_params(tmp_path):
 
 def test_seed_environment_variables_keep_their_meaning(tmp_path):
     env = {"ENABLE_CHECKPOINTS": "false", "CHECKPOINT_INTERVAL": "250", "CHECKPOINT_DIR": "ck",
-           "MODEL_TYPE": "bigram", "TRAINING_STEPS": "99", "TRAINING_DATA_SOURCE": "my.txt", "DEVICE": "cpu"}
+           "MODEL_TYPE": "bigram", "TRAINING_STEPS": "99", "TRAINING_DATA_SOURCE": "my.txt",
+           "DEVICE": "cpu"}
     assert set(env) == set(ENV_VARS)
     cfg = load_config(tmp_path / "none.yaml", env=env)
-    assert (cfg.checkpoint.enabled, cfg.checkpoint.interval, cfg.checkpoint.dir) == (False, 250, "ck")
+    c = cfg.checkpoint
+    assert (c.enabled, c.interval, c.dir) == (False, 250, "ck")
     assert (cfg.model.type, cfg.train.steps, cfg.data.source) == ("bigram", 99, "my.txt")
     assert cfg.train.device == cfg.generate.device == "cpu"
 
@@ -44,7 +46,8 @@ def test_seed_defaults_without_params_file(tmp_path):
 
 def test_every_problem_is_reported_with_key_value_and_allowed(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["train.steps=-5", "train.lr=abc", "model.type=transformer", "model.n_head=3",
+        load_config(None, ["train.steps=-5", "train.lr=abc", "model.type=transformer",
+                           "model.n_head=3",
                            "train.nope=1"], env={"DEVICE": "tpu"})
     text = str(e.value)
     assert "train.steps must be a positive integer, got -5" in text
@@ -52,7 +55,8 @@ def test_every_problem_is_reported_with_key_value_and_allowed(tmp_path):
     assert "model.type must be one of bigram, gpt, nanochat, got 'transformer'" in text
     assert "model.n_embd must be divisible by model.n_head" in text
     assert "unknown key 'train.nope'" in text
-    assert "train.device must be one of auto, cpu, cuda, mps, got 'tpu' (from environment variable DEVICE)" in text
+    assert ("train.device must be one of auto, cpu, cuda, mps, got 'tpu' "
+            "(from environment variable DEVICE)") in text
     assert len(e.value.problems) == 7  # DEVICE sets two keys: both are reported
 
 
@@ -117,8 +121,8 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
     assert e.value.problems == [
         f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat",
         f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
-        "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, eval_interval, "
-        "eval_batches, log_interval, seed, device, resume",
+        "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, "
+        "eval_interval, eval_batches, log_interval, seed, device, resume",
         f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
         "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "
         "n_head, n_embd, block_size, dropout, bias, n_kv_head",

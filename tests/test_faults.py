@@ -23,8 +23,10 @@ from lmpipe.train.schedule import Schedule
 
 pytestmark = pytest.mark.slow
 
-FAULT = ["train.steps=300", "checkpoint.interval=50", "train.eval_interval=50", "train.log_interval=1",
-         "train.batch_size=8", "model.n_embd=32", "model.dropout=0.1", "tracking.log_checkpoints=false",
+FAULT = ["train.steps=300", "checkpoint.interval=50", "train.eval_interval=50",
+         "train.log_interval=1",
+         "train.batch_size=8", "model.n_embd=32", "model.dropout=0.1",
+         "tracking.log_checkpoints=false",
          "generate.max_new_tokens=5"]
 
 
@@ -44,7 +46,8 @@ def fault_project(project):
 
 
 def start(project, *args, preexec=None):
-    return subprocess.Popen([str(BIN / "lmpipe"), *args], cwd=project, env=cli_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen([str(BIN / "lmpipe"), *args], cwd=project, env=cli_env(),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
 
 
@@ -100,7 +103,8 @@ def test_sigkill_then_resume_is_bit_exact(fault_project, kind):
     run(fault_project, "stage", "train", "-S", f"model.type={kind}", "-S", "checkpoint.dir=ref")
     ref = final_checkpoint(fault_project / "ref", 300)
 
-    p = start(fault_project, "stage", "train", "-S", f"model.type={kind}", "-S", "checkpoint.dir=run")
+    p = start(fault_project, "stage", "train", "-S", f"model.type={kind}", "-S",
+              "checkpoint.dir=run")
     wait_for_step(fault_project / "run", 100, p)
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
@@ -156,7 +160,8 @@ def test_file_size_limit_fails_writes_cleanly(fault_project):
     def cap():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "100", preexec=cap, ok=False)
+    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "100",
+                       preexec=cap, ok=False)
     assert code == 2 and "File too large" in err and "earlier checkpoints are intact" in err
     assert "final checkpoint could not be written" in err and "Traceback" not in err
     after = {p.name: p.read_bytes() for p in (fault_project / "checkpoints").glob("*.pt")}
@@ -168,11 +173,13 @@ def test_small_disk_skips_saves_and_keeps_training(fault_project):
     run(fault_project, "stage", "train", "-S", "model.n_embd=128", "-S", "train.steps=1",
         "-S", "checkpoint.dir=probe")
     size = next((fault_project / "probe").glob("*.pt")).stat().st_size
-    mb = (size * 2 + (3 << 20)) // (1 << 20) + 1  # room for two checkpoints plus the margin, not three
-    script = (f"mount -t tmpfs -o size={mb}m tmpfs checkpoints && "
-              f"{BIN / 'lmpipe'} stage train -S model.n_embd=128 -S train.steps=200; echo rc=$?; "
-              f"ls -a checkpoints; {BIN / 'python'} -c \"from lmpipe.ckpt import integrity as i, store as s; "
-              "print('verified', sorted(i.verify_checkpoint(p).status for p in s.list_checkpoints('checkpoints')))\"")
+    # room for two checkpoints plus the margin, not three
+    mb = (size * 2 + (3 << 20)) // (1 << 20) + 1
+    script = (f"mount -t tmpfs -o size={mb}m tmpfs checkpoints && {BIN / 'lmpipe'} stage train -S "
+              "model.n_embd=128 -S train.steps=200; echo rc=$?; ls -a checkpoints; "
+              f"{BIN / 'python'} -c \"from lmpipe.ckpt import integrity as i, store as s; "
+              "print('verified', sorted(i.verify_checkpoint(p).status for p in "
+              "s.list_checkpoints('checkpoints')))\"")
     (fault_project / "checkpoints").mkdir()
     r = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=fault_project, env=cli_env(),
                        capture_output=True, text=True, timeout=300)
@@ -186,7 +193,8 @@ def test_small_disk_skips_saves_and_keeps_training(fault_project):
 
 def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fault_project):
     over = ["-S", "train.steps=200", "-S", "checkpoint.interval=3", "-S", "model.n_embd=128",
-            "-S", "checkpoint.keep_last=2", "-S", "checkpoint.keep_best=0"]  # rotation runs under the kills
+            # rotation runs under the kills
+            "-S", "checkpoint.keep_last=2", "-S", "checkpoint.keep_best=0"]
     run(fault_project, "stage", "train", *over, "-S", "checkpoint.dir=ref")
     ref = final_checkpoint(fault_project / "ref", 200)
     ckdir = fault_project / "run"
@@ -200,7 +208,8 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
     while True:
         have = bool(list_checkpoints(ckdir))
         resumes += have
-        p = start(fault_project, *(["resume", "--checkpoint", "latest"] if have else ["stage", "train"]), *over)
+        p = start(fault_project,
+                  *(["resume", "--checkpoint", "latest"] if have else ["stage", "train"]), *over)
         if kills >= 20:
             _, err = p.communicate(timeout=300)
             assert p.returncode == 0, err[-3000:]
@@ -211,7 +220,8 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
         while newest_step() == first and p.poll() is None and time.time() < deadline:
             time.sleep(0.001)
         if rng.random() < 0.5:  # strike while the next checkpoint is being written
-            while not list(ckdir.glob(".checkpoint_*.tmp")) and p.poll() is None and time.time() < deadline:
+            while (not list(ckdir.glob(".checkpoint_*.tmp")) and p.poll() is None
+                   and time.time() < deadline):
                 pass
         else:  # or at a random moment of training
             time.sleep(rng.uniform(0, 0.3))
@@ -233,20 +243,24 @@ def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fa
 def test_resume_options_end_to_end(fault_project):
     run(fault_project, "stage", "train", "-S", "train.steps=40", "-S", "checkpoint.interval=20")
     ckdir = fault_project / "checkpoints"
-    new = "".join(f"## Letter {i}\n\nDear Agnes, \u00a7 and \u00b6 are new here, letter {i}. Many words today.\n\n"
+    new = "".join(f"## Letter {i}\n\nDear Agnes, \u00a7 and \u00b6 are new here, letter {i}. Many "
+                  "words today.\n\n"
                   for i in range(12))
     (fault_project / "new.md").write_text(new)
     before = (fault_project / "data/prepared/train.txt").read_text()
-    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "5", "--source", "new.md",
+    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "5",
+                       "--source", "new.md",
                        ok=False)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert err.startswith("lmpipe: error: new.md: ") and "unknown to the char tokenizer: 'L', '\u00a7', '\u00b6'" in err
+    assert err.startswith("lmpipe: error: new.md: ")
+    assert "unknown to the char tokenizer: 'L', '\u00a7', '\u00b6'" in err
     assert (fault_project / "data/prepared/train.txt").read_text() == before  # nothing was written
 
     # A fresh optimizer with a re-warmup: the first resumed step runs at 1/K of the checkpoint's LR.
     ckpt = load_checkpoint(latest_verified(ckdir))
     lr40 = Schedule.from_dict(ckpt["train_state"]["schedule"]).lr_at(40)
-    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer", "--warmup", "5")
+    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer",
+        "--warmup", "5")
     mlflow.set_tracking_uri(f"sqlite:///{fault_project}/mlruns/mlflow.db")
     lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
     assert lrs[41] == pytest.approx(lr40 / 5) and lrs[45] == pytest.approx(lr40)

@@ -43,19 +43,24 @@ def zoo(project, monkeypatch):
 def test_list_inspect_verify_every_format(zoo, capsys):
     rows = json.loads(run(capsys, "ckpt", "list", str(zoo), "--json")[1])
     # hidden directories (.git, .venv, .cache) are not walked into unless named
-    assert {(r["format"], r["step"]) for r in rows} == {("nanogpt", 250), ("hf", 300), ("lightning", 120)}
-    tag = json.loads(run(capsys, "ckpt", "list", "~/.cache/nanochat/base_checkpoints/d2", "--json")[1])
-    assert [(r["model"], r["source"], r["step"]) for r in tag] == [("nanochat-d2", "d2", 100), ("nanochat-d2", "d2", 200)]
+    assert {(r["format"], r["step"]) for r in rows} == {("nanogpt", 250), ("hf", 300),
+                                                        ("lightning", 120)}
+    tag = json.loads(run(capsys, "ckpt", "list", "~/.cache/nanochat/base_checkpoints/d2",
+                         "--json")[1])
+    assert [(r["model"], r["source"], r["step"]) for r in tag] == [("nanochat-d2", "d2", 100),
+                                                                   ("nanochat-d2", "d2", 200)]
     expect = {"nanogpt/out/ckpt.pt": ("nanogpt", 250, 1336, "char"),
               ".cache/nanochat/base_checkpoints/d2": ("nanochat", 200, 2048, "nanochat (tiktoken)"),
-              "hf/checkpoint-300": ("hf", 300, 680, "hf"), "lightning.ckpt": ("lightning", 120, None, None)}
+              "hf/checkpoint-300": ("hf", 300, 680, "hf"),
+              "lightning.ckpt": ("lightning", 120, None, None)}
     for path, (fmt, step, params, tok) in expect.items():
         code, out, _ = run(capsys, "ckpt", "inspect", path, "--json")
         d = json.loads(out)
         assert code == 0 and (d["format"], d["step"]) == (fmt, step), path
         assert params is None or d["total_params"] == params
         assert (d["tokenizer"] or {}).get("kind") == tok
-    assert json.loads(run(capsys, "ckpt", "inspect", "lightning.ckpt", "--json")[1])["optimizer"][0]["type"] == "AdamW"
+    assert json.loads(run(capsys, "ckpt", "inspect", "lightning.ckpt",
+                          "--json")[1])["optimizer"][0]["type"] == "AdamW"
     code, out, _ = run(capsys, "ckpt", "verify", str(zoo))
     assert code == 0 and out.count("ok    ") == 3
     code, out, _ = run(capsys, "ckpt", "verify", "~/.cache/nanochat/base_checkpoints")
@@ -72,9 +77,11 @@ def test_verify_and_doctor_foreign_problems(zoo, capsys):
     assert code == 1
     out += run(capsys, "ckpt", "verify", "~/.cache/nanochat/base_checkpoints/d2")[1]
     # wte and lm_head are tied: one storage, two names
-    assert "nanogpt/out/ckpt.pt: nonfinite: NaN or Inf in 2 weight tensor(s): transformer.wte.weight, lm_head" in out
+    assert ("nanogpt/out/ckpt.pt: nonfinite: NaN or Inf in 2 weight tensor(s): "
+            "transformer.wte.weight, lm_head") in out
     assert "model_000200.pt: incomplete: meta_000200.json is missing" in out
-    code, out, _ = run(capsys, "ckpt", "doctor", "~/.cache/nanochat/base_checkpoints/d2/model_000100.pt")
+    code, out, _ = run(capsys, "ckpt", "doctor",
+                       "~/.cache/nanochat/base_checkpoints/d2/model_000100.pt")
     assert code == 3 and "missing tokenizer" in out and "python -m scripts.tok_train" in out
     code, out, _ = run(capsys, "ckpt", "doctor", "nanogpt/out/ckpt.pt")
     assert "_orig_mod. prefixes" in out and "lmpipe strips them on load" in out
@@ -83,10 +90,12 @@ def test_verify_and_doctor_foreign_problems(zoo, capsys):
 def test_doctor_not_found_names_the_nearest_step(project, capsys):
     for step in (100, 200, 300):
         save_lmpipe(project / "checkpoints", step)
-    code, out, _ = run(capsys, "ckpt", "doctor", "checkpoints/checkpoint_gpt_letters_step0250_11102025_231500.pt")
+    code, out, _ = run(capsys, "ckpt", "doctor",
+                       "checkpoints/checkpoint_gpt_letters_step0250_11102025_231500.pt")
     assert code == 3 and "Checkpoint not found" in out and "steps: 100, 200, 300" in out
     nearest = "checkpoints/" + sorted((project / "checkpoints").glob("*step0200*"))[0].name
-    assert f"nearest to step 250: {nearest} (step 200)" in out and f"fix: lmpipe resume --checkpoint {nearest}" in out
+    assert f"nearest to step 250: {nearest} (step 200)" in out
+    assert f"fix: lmpipe resume --checkpoint {nearest}" in out
     (project / "empty").mkdir()
     code, out, _ = run(capsys, "ckpt", "doctor", "empty/nothing.pt")
     assert code == 4 and "ENABLE_CHECKPOINTS=true python3 training.py" in out
@@ -100,7 +109,8 @@ def test_doctor_corrupted_optimizer_mismatch_and_tokenizer(project, capsys):
     data[-100] ^= 0xFF
     second.write_bytes(bytes(data))
     code, out, _ = run(capsys, "ckpt", "doctor", str(second))
-    assert code == 3 and "corrupted" in out and f"the last verified earlier checkpoint: {first}" in out
+    assert code == 3 and "corrupted" in out
+    assert f"the last verified earlier checkpoint: {first}" in out
     assert f"fix: lmpipe resume --checkpoint {first}" in out
     first.write_bytes(b"truncated")  # no earlier checkpoint verifies now: broken
     assert run(capsys, "ckpt", "doctor", str(second))[0] == 4
@@ -111,20 +121,25 @@ def test_doctor_corrupted_optimizer_mismatch_and_tokenizer(project, capsys):
     assert code == 3 and f"--checkpoint {d / opt['file']} --no-optimizer --warmup 100" in out
     # a conflicting architecture, forced on the command line
     good = save_lmpipe(d, 40)
-    code, out, _ = run(capsys, "ckpt", "doctor", str(good), "-S", "model.n_layer=2", "-S", "model.n_embd=16")
+    code, out, _ = run(capsys, "ckpt", "doctor", str(good), "-S", "model.n_layer=2", "-S",
+                       "model.n_embd=16")
     assert code == 3 and "tensor size mismatch" in out
     assert "transformer.wte.weight: checkpoint (20, 8), configured model (20, 16)" in out
     assert "checkpoint has n_layer=1, n_embd=8; you asked for 2 and 16" in out
-    assert run(capsys, "ckpt", "doctor", str(good))[0] == 0  # not forced: resume uses the checkpoint's own
+    # not forced: resume uses the checkpoint's own
+    assert run(capsys, "ckpt", "doctor", str(good))[0] == 0
     # the seed's checkpoint contents, without a tokenizer: found beside it, and imported with it
     seedlike = {k: v for k, v in lmpipe_payload(step=50).items() if k != "tokenizer"}
     torch.save(seedlike, d / "checkpoint_gpt_letters_step0050_01012026_000000.pt")
     (d / "tokenizer.json").write_text(json.loads(json.dumps(lmpipe_payload()["tokenizer"])))
-    code, out, _ = run(capsys, "ckpt", "doctor", str(d / "checkpoint_gpt_letters_step0050_01012026_000000.pt"))
-    fix = f"lmpipe ckpt import {d / 'checkpoint_gpt_letters_step0050_01012026_000000.pt'} --tokenizer {d / 'tokenizer.json'}"
+    code, out, _ = run(capsys, "ckpt", "doctor",
+                       str(d / "checkpoint_gpt_letters_step0050_01012026_000000.pt"))
+    fix = (f"lmpipe ckpt import {d / 'checkpoint_gpt_letters_step0050_01012026_000000.pt'} "
+           f"--tokenizer {d / 'tokenizer.json'}")
     assert code == 3 and "missing tokenizer" in out and fix in out
     assert run(capsys, *fix.split()[1:], "--out", "fixed")[0] == 0
-    assert run(capsys, "generate", "--checkpoint", "fixed/*step0050*", "--max-new-tokens", "5", "--prompt", "Dear")[0] == 0
+    assert run(capsys, "generate", "--checkpoint", "fixed/*step0050*", "--max-new-tokens", "5",
+               "--prompt", "Dear")[0] == 0
 
 
 def test_import_nanogpt_then_generate(zoo, capsys):
@@ -136,7 +151,8 @@ def test_import_nanogpt_then_generate(zoo, capsys):
     assert all(torch.equal(v, original["_orig_mod." + k]) for k, v in model.state_dict().items())
     assert tok.chars == CHARS and ckpt["hyperparameters"]["model"]["bias"] is True
     assert ckpt["hyperparameters"]["train"]["lr"] == 1e-3 and verify_checkpoint(path).ok
-    code, out, err = run(capsys, "generate", "--checkpoint", str(path), "--prompt", "Dear", "--max-new-tokens", "12")
+    code, out, err = run(capsys, "generate", "--checkpoint", str(path), "--prompt", "Dear",
+                         "--max-new-tokens", "12")
     assert code == 0 and out.startswith("Dear") and len(out.strip()) == 4 + 12
     assert "step 250" in err
 
@@ -148,13 +164,16 @@ def test_malicious_pickles_never_run(project, capsys):
         def __reduce__(self):
             return os.mkdir, (str(marker),)
 
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": 1, "hyper_parameters": Payload()}, "evil.ckpt")
-    for argv in (["ckpt", "inspect", "evil.ckpt"], ["ckpt", "verify", "evil.ckpt"], ["ckpt", "list", "."],
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "global_step": 1,
+                "hyper_parameters": Payload()}, "evil.ckpt")
+    for argv in (["ckpt", "inspect", "evil.ckpt"], ["ckpt", "verify", "evil.ckpt"],
+                 ["ckpt", "list", "."],
                  ["ckpt", "doctor", "evil.ckpt"], ["generate", "--checkpoint", "evil.ckpt"]):
         code, out, err = run(capsys, *argv)
         assert not marker.exists(), argv
     code, out, err = run(capsys, "ckpt", "inspect", "evil.ckpt")
-    assert code == 2 and "refused to load" in err and "posix.mkdir" in err and "--trust-pickle" in err
+    assert code == 2 and "refused to load" in err
+    assert "posix.mkdir" in err and "--trust-pickle" in err
     code, out, _ = run(capsys, "ckpt", "verify", "evil.ckpt")
     assert code == 1 and "unsafe: " in out
     save_nanogpt(project / "ng", with_meta=False)
@@ -172,7 +191,8 @@ def test_malicious_pickles_never_run(project, capsys):
 
 
 def test_sampling_never_emits_padded_vocabulary_ids():
-    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows: ids the tokenizer lacks are never sampled."""
+    """nanoGPT pads GPT-2's 50257 tokens to 50304 rows: ids the tokenizer lacks are never
+    sampled."""
     from lmpipe.generate import sample
     from models import build_model
 
@@ -182,22 +202,27 @@ def test_sampling_never_emits_padded_vocabulary_ids():
     gen = torch.Generator().manual_seed(0)
     out = sample(model, torch.zeros(1, 1, dtype=torch.long), 40, generator=gen, vocab_limit=25)
     assert int(out.max()) < 25
-    assert int(sample(model, torch.zeros(1, 1, dtype=torch.long), 5, generator=gen)[:, 1:].min()) >= 25
+    assert int(sample(model, torch.zeros(1, 1, dtype=torch.long), 5, generator=gen)[:,
+                                                                                    1:].min()) >= 25
 
 
 def test_resume_refuses_a_conflicting_architecture(project):
-    """train.resume (the DVC param) with other model.* values would train the checkpoint's architecture
+    """train.resume (the DVC param) with other model.* values would train the checkpoint's
+    architecture
     while recording the new one: refused, with the values that match."""
     from lmpipe import stages
     from lmpipe.common.errors import UserError
     from lmpipe.config import load_config
 
     path = save_lmpipe(project / "checkpoints", 10)
-    cfg = load_config("params.yaml", ["train.resume=latest", "model.n_layer=2", "model.n_embd=16", "model.n_head=2"])
+    cfg = load_config("params.yaml",
+                      ["train.resume=latest", "model.n_layer=2", "model.n_embd=16",
+                       "model.n_head=2"])
     with pytest.raises(UserError) as e:
         stages.train(cfg)
     where = path.relative_to(project)
-    assert f"train.resume=latest resumes {where}: checkpoint has n_layer=1, n_embd=8; you asked for 2 and 16" in str(e.value)
+    assert (f"train.resume=latest resumes {where}: checkpoint has n_layer=1, n_embd=8; you asked "
+            "for 2 and 16") in str(e.value)
     assert "model.n_layer=1 model.n_embd=8" in str(e.value) and "lmpipe ckpt doctor" in str(e.value)
     assert len(list((project / "checkpoints").glob("*.pt"))) == 1
 
@@ -207,7 +232,8 @@ def test_hugging_face_bin_and_safetensors_read_alike(project, capsys):
     save_hf(project / "bin", weights="pytorch_model.bin")
     a = json.loads(run(capsys, "ckpt", "inspect", "st", "--json")[1])
     b = json.loads(run(capsys, "ckpt", "inspect", "bin", "--json")[1])
-    assert sorted(map(str, a["tensors"])) == sorted(map(str, b["tensors"])) and a["total_params"] == 680
+    assert sorted(map(str, a["tensors"])) == sorted(map(str,
+                                                        b["tensors"])) and a["total_params"] == 680
     d = json.loads(run(capsys, "ckpt", "diff", "st", "bin", "--json")[1])
     assert d["relative_change"] == 0 and not (d["added"] or d["removed"] or d["reshaped"])
     assert run(capsys, "ckpt", "verify", "bin")[0] == 0

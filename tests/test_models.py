@@ -5,7 +5,8 @@ from lmpipe.config import MODEL_TYPES
 from lmpipe.generate import sample
 from models import MODELS, build_model
 
-TINY = {"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 8, "dropout": 0.1, "bias": True}
+TINY = {"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 8, "dropout": 0.1,
+        "bias": True}
 
 
 def test_config_accepts_exactly_the_registered_models():
@@ -54,10 +55,12 @@ def test_nanochat_grouped_key_value_heads_and_rotary_positions():
     torch.manual_seed(0)
     model = build_model({"type": "nanochat", **TINY, "n_head": 4, "n_kv_head": 2}).eval()
     assert model.transformer.h[0].attn.c_k.weight.shape == (4, 8)  # 2 kv heads × head_dim 2
-    assert "cos" not in model.state_dict()  # rotary tables are rebuilt, never saved (as in nanochat)
+    # rotary tables are rebuilt, never saved (as in nanochat)
+    assert "cos" not in model.state_dict()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.5)
     idx = torch.tensor([[1, 2, 3, 1, 2, 3]])
     logits, _ = model(idx)
-    assert not torch.allclose(logits[0, 0], logits[0, 3])  # same token, other position: rotary sees it
+    # same token, other position: rotary sees it
+    assert not torch.allclose(logits[0, 0], logits[0, 3])
     assert logits.abs().max() <= 15.0  # soft-capped

@@ -24,12 +24,15 @@ from lmpipe.common.errors import UserError
 from lmpipe.common.fileio import fsync_dir, fsync_path
 
 # nanoGPT's train.py config names → lmpipe's params.yaml keys
-NANOGPT_TRAIN = {"learning_rate": "lr", "min_lr": "min_lr", "warmup_iters": "warmup_steps", "max_iters": "steps",
-                 "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "grad_clip": "grad_clip",
+NANOGPT_TRAIN = {"learning_rate": "lr", "min_lr": "min_lr", "warmup_iters": "warmup_steps",
+                 "max_iters": "steps",
+                 "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2",
+                 "grad_clip": "grad_clip",
                  "batch_size": "batch_size", "eval_interval": "eval_interval"}
 
 
-def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = None, tokenizer_file: str | None = None,
+def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = None,
+                      tokenizer_file: str | None = None,
                       gpt2_path: str = "gpt2", trust_pickle: bool = False) -> Path:
     """Convert `src` into an lmpipe checkpoint in `out_dir`; return its path."""
     from lmpipe.ckpt.rebuild import model_from_checkpoint
@@ -43,16 +46,21 @@ def import_checkpoint(src: str | Path, out_dir: str | Path, meta: str | None = N
     elif v.format == "lmpipe" and tokenizer_file:
         payload = _with_tokenizer(v, tokenizer_file)
     else:
-        what = "an lmpipe checkpoint that lacks its tokenizer needs --tokenizer FILE" if v.format == "lmpipe" else \
-            f"{v.format} checkpoints can be listed, inspected, verified and diagnosed, not imported"
-        raise UserError(f"{src}: lmpipe ckpt import converts nanoGPT and nanochat checkpoints; {what}")
-    model_from_checkpoint(payload)  # the weights must fit the model they claim to be, before writing
-    out = Path(out_dir) / checkpoint_filename(payload["model_type"], payload["source"], payload["step"])
+        what = ("an lmpipe checkpoint that lacks its tokenizer needs --tokenizer FILE"
+                if v.format == "lmpipe" else f"{v.format} checkpoints can be listed, inspected, "
+                "verified and diagnosed, not imported")
+        raise UserError(f"{src}: lmpipe ckpt import converts nanoGPT and nanochat checkpoints; "
+                        f"{what}")
+    # the weights must fit the model they claim to be, before writing
+    model_from_checkpoint(payload)
+    out = Path(out_dir) / checkpoint_filename(payload["model_type"], payload["source"],
+                                              payload["step"])
     save_checkpoint(out, payload)
     return out
 
 
-def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_path: str, trust_pickle: bool) -> dict:
+def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_path: str,
+                  trust_pickle: bool) -> dict:
     from lmpipe import tokenizer as toks
     from lmpipe.ckpt.rebuild import is_mask_buffer
     from lmpipe.config import ModelConfig, config_from_dict
@@ -67,12 +75,14 @@ def _from_nanogpt(v: View, meta: str | None, tokenizer_file: str | None, gpt2_pa
         tok = toks.load_gpt2(gpt2_path)
     vocab = int(args["vocab_size"])
     if tok.vocab_size > vocab:
-        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only {vocab}; "
-                        "pass the dataset's meta.pkl with --meta")
+        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only "
+                        f"{vocab}; pass the dataset's meta.pkl with --meta")
     model = {k: args[k] for k in asdict(ModelConfig()) if k in args}
     train = {NANOGPT_TRAIN[k]: config[k] for k in NANOGPT_TRAIN if k in config}
-    source = re.sub(r"[^a-z0-9]+", "_", str(config.get("dataset") or "nanogpt").lower()).strip("_") or "nanogpt"
-    hp = config_from_dict({"model": {**model, "type": "gpt"}, "train": train, "data": {"source": source},
+    source = re.sub(r"[^a-z0-9]+", "_",
+                    str(config.get("dataset") or "nanogpt").lower()).strip("_") or "nanogpt"
+    hp = config_from_dict({"model": {**model, "type": "gpt"}, "train": train,
+                           "data": {"source": source},
                            "tokenizer": {"kind": tok.kind}}).to_dict()
     return build_payload(weights={k: t for k, t in v.state.items() if not is_mask_buffer(k)},
                          hyperparameters=hp, tokenizer_json=tok.to_json(), step=v.step or 0,
@@ -92,16 +102,21 @@ def _from_nanochat(v: View, tokenizer_file: str | None) -> dict:
     tok = _nanochat_tokenizer(v, tokenizer_file)
     vocab = int(v.arch.get("vocab_size") or 0)
     if tok.vocab_size > vocab:
-        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only {vocab}; "
-                        "pass the tokenizer it was trained with (--tokenizer)")
-    source = re.sub(r"[^a-z0-9]+", "_", str(v.info.get("source") or "nanochat").lower()).strip("_") or "nanochat"
-    train = {"batch_size": v.raw.get("device_batch_size"), "steps": (v.raw.get("user_config") or {}).get("num_iterations")}
+        raise UserError(f"{v.path}: the tokenizer has {tok.vocab_size} tokens, the model only "
+                        f"{vocab}; pass the tokenizer it was trained with (--tokenizer)")
+    source = re.sub(r"[^a-z0-9]+", "_",
+                    str(v.info.get("source") or "nanochat").lower()).strip("_") or "nanochat"
+    train = {"batch_size": v.raw.get("device_batch_size"),
+             "steps": (v.raw.get("user_config") or {}).get("num_iterations")}
     hp = config_from_dict({"model": {**arch, "type": "nanochat"}, "data": {"source": source},
-                           "train": {k: x for k, x in train.items() if isinstance(x, int) and x > 0},
+                           "train": {k: x for k,
+                                     x in train.items() if isinstance(x, int) and x > 0},
                            "tokenizer": {"kind": tok.kind}}).to_dict()
-    state = {k: t.float() for k, t in strip_prefixes(dict(v.state)).items()}  # nanochat keeps bfloat16
+    # nanochat keeps bfloat16
+    state = {k: t.float() for k, t in strip_prefixes(dict(v.state)).items()}
     _refuse_unknown_tensors(v.path, state, {**hp["model"], "vocab_size": vocab})
-    return build_payload(weights=state, hyperparameters=hp, tokenizer_json=tok.to_json(), step=v.step or 0,
+    return build_payload(weights=state, hyperparameters=hp, tokenizer_json=tok.to_json(),
+                         step=v.step or 0,
                          vocab_size=vocab, block_size=arch["block_size"], source=source,
                          imported_from={"format": "nanochat", "path": str(v.path),
                                         "val_bpb": v.info.get("val_bpb")})
@@ -116,10 +131,12 @@ def _nanochat_tokenizer(v: View, tokenizer_file: str | None):
         return toks.load(tokenizer_file)
     if v.tokenizer is None:
         where = nanochat_base_dir(Path(v.path).parent) / "tokenizer"
-        raise UserError(f"{v.path}: nanochat's tokenizer.pkl is not in {where}; pass --tokenizer FILE, or copy "
-                        "the tokenizer/ directory that nanochat's scripts.tok_train wrote beside base_checkpoints/")
+        raise UserError(f"{v.path}: nanochat's tokenizer.pkl is not in {where}; pass --tokenizer "
+                        "FILE, or copy the tokenizer/ directory that nanochat's scripts.tok_train "
+                        "wrote beside base_checkpoints/")
     state = tiktoken_state(Path(v.tokenizer["where"]) / "tokenizer.pkl")
-    return toks.RankedBPE(dict(state["mergeable_ranks"]), state["pat_str"], dict(state.get("special_tokens") or {}))
+    return toks.RankedBPE(dict(state["mergeable_ranks"]), state["pat_str"],
+                          dict(state.get("special_tokens") or {}))
 
 
 def _refuse_unknown_tensors(path: Path, state: dict, arch: dict) -> None:
@@ -130,9 +147,11 @@ def _refuse_unknown_tensors(path: Path, state: dict, arch: dict) -> None:
     expected = set(build_model(arch).state_dict())
     extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if extra or missing:
-        what = f"tensors it does not have: {', '.join(extra[:4])}" if extra else f"no {', '.join(missing[:4])}"
-        raise UserError(f"{path}: this nanochat checkpoint has {what}; lmpipe builds the architecture of "
-                        "nanochat's first release (rotary, QK norm, ReLU², untied head), not this version's")
+        what = (f"tensors it does not have: {', '.join(extra[:4])}" if extra
+                else f"no {', '.join(missing[:4])}")
+        raise UserError(f"{path}: this nanochat checkpoint has {what}; lmpipe builds the "
+                        "architecture of nanochat's first release (rotary, QK norm, ReLU², untied "
+                        "head), not this version's")
 
 
 def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
@@ -144,13 +163,15 @@ def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
                         f"{v.arch.get('vocab_size')}; use the tokenizer it was trained with")
     missing = [k for k in ("hyperparameters", "vocab_size", "block_size") if k not in v.raw]
     if missing:
-        raise UserError(f"{v.path}: also lacks {', '.join(missing)}; it cannot be rebuilt as an lmpipe checkpoint")
+        raise UserError(f"{v.path}: also lacks {', '.join(missing)}; it cannot be rebuilt as an "
+                        "lmpipe checkpoint")
     from lmpipe.ckpt.store import parse_filename
 
     named, raw = parse_filename(v.path) or {}, v.raw
     payload = build_payload(weights=raw["model_state_dict"], hyperparameters=raw["hyperparameters"],
                             model_type=v.arch.get("type") or "gpt", tokenizer_json=tok.to_json(),
-                            step=v.step or 0, vocab_size=raw["vocab_size"], block_size=raw["block_size"],
+                            step=v.step or 0, vocab_size=raw["vocab_size"],
+                            block_size=raw["block_size"],
                             source=v.info.get("source") or named.get("source", "imported"),
                             optimizer=raw.get("optimizer_state_dict"), run_id=raw.get("run_id"),
                             train_state=raw.get("train_state"), metrics=raw.get("metrics"),
@@ -160,11 +181,11 @@ def _with_tokenizer(v: View, tokenizer_file: str) -> dict:
 
 
 
-# --- export ----------------------------------------------------------------------------------------
+# --- export ------------------------------------------------------------------------------
 
 def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
-    """Write an lmpipe checkpoint as safetensors (+ config.json, tokenizer.json) or as a Hugging Face
-    GPT-2 directory; return the directory."""
+    """Write an lmpipe checkpoint as safetensors (+ config.json, tokenizer.json) or as a Hugging
+    Face GPT-2 directory; return the directory."""
     from lmpipe.ckpt.rebuild import tokenizer_from_checkpoint
     from lmpipe.ckpt.store import load_checkpoint
 
@@ -174,11 +195,12 @@ def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; remove it or pass --out DIR")
     tok = tokenizer_from_checkpoint(ckpt)
-    arch = {**ckpt["hyperparameters"]["model"], "vocab_size": ckpt["vocab_size"], "block_size": ckpt["block_size"],
+    arch = {**ckpt["hyperparameters"]["model"], "vocab_size": ckpt["vocab_size"],
+            "block_size": ckpt["block_size"],
             "type": ckpt.get("model_type", ckpt["hyperparameters"]["model"]["type"])}
     if fmt == "hf" and arch["type"] != "gpt":
-        raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; "
-                        "use --format safetensors")
+        raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; use "
+                        "--format safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
@@ -200,7 +222,8 @@ def _save_tensors(path: Path, tensors: dict[str, Any], meta: dict[str, str]) -> 
     from safetensors.torch import save_file
 
     # safetensors refuses shared storage (tied weights): every tensor gets its own contiguous copy
-    save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(path), metadata=meta)
+    save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(path),
+              metadata=meta)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -208,8 +231,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_safetensors(d: Path, ckpt: dict, arch: dict, tok) -> None:
-    _save_tensors(d / "model.safetensors", ckpt["model_state_dict"], {"format": "pt", "step": str(ckpt["step"])})
-    _write_json(d / "config.json", {"format": "lmpipe-safetensors", "model_type": arch["type"], "architecture": arch,
+    _save_tensors(d / "model.safetensors", ckpt["model_state_dict"],
+                  {"format": "pt", "step": str(ckpt["step"])})
+    _write_json(d / "config.json", {"format": "lmpipe-safetensors", "model_type": arch["type"],
+                                    "architecture": arch,
                                     "step": ckpt["step"], "source": ckpt.get("source"),
                                     "hyperparameters": ckpt["hyperparameters"]})
     (d / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
@@ -219,23 +244,31 @@ def _write_hf(d: Path, ckpt: dict, arch: dict, tok) -> None:
     import torch
 
     sd, C, L = ckpt["model_state_dict"], arch["n_embd"], arch["n_layer"]
-    out = {"transformer.wte.weight": sd["transformer.wte.weight"], "transformer.wpe.weight": sd["transformer.wpe.weight"]}
-    zeros = lambda n: torch.zeros(n, dtype=sd["transformer.wte.weight"].dtype)  # noqa: E731  GPT-2 always has biases
+    out = {"transformer.wte.weight": sd["transformer.wte.weight"],
+           "transformer.wpe.weight": sd["transformer.wpe.weight"]}
+    dtype = sd["transformer.wte.weight"].dtype
+    zeros = lambda n: torch.zeros(n, dtype=dtype)  # noqa: E731  GPT-2 always has biases
     for name, width in [(f"h.{i}.{m}", w) for i in range(L) for m, w in (
-            ("ln_1", C), ("attn.c_attn", 3 * C), ("attn.c_proj", C), ("ln_2", C), ("mlp.c_fc", 4 * C),
+            ("ln_1", C), ("attn.c_attn", 3 * C), ("attn.c_proj", C), ("ln_2", C),
+            ("mlp.c_fc", 4 * C),
             ("mlp.c_proj", C))] + [("ln_f", C)]:
         w = sd[f"transformer.{name}.weight"]
-        out[f"transformer.{name}.weight"] = w.t() if w.dim() == 2 else w  # HF Conv1D stores (in, out)
+        # HF Conv1D stores (in, out)
+        out[f"transformer.{name}.weight"] = w.t() if w.dim() == 2 else w
         out[f"transformer.{name}.bias"] = sd.get(f"transformer.{name}.bias", zeros(width))
     _save_tensors(d / "model.safetensors", out, {"format": "pt"})
     hf_tok = tok.tok if hasattr(tok, "tok") else _char_as_hf(tok)
-    eot = hf_tok.token_to_id("<|endoftext|>")  # GPT-2's and lmpipe BPE's end-of-text token; None for char
+    # GPT-2's and lmpipe BPE's end-of-text token; None for char
+    eot = hf_tok.token_to_id("<|endoftext|>")
     _write_json(d / "config.json", {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": arch["vocab_size"],
-        "n_positions": arch["block_size"], "n_embd": C, "n_layer": L, "n_head": arch["n_head"], "n_inner": None,
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": arch["vocab_size"],
+        "n_positions": arch["block_size"], "n_embd": C, "n_layer": L, "n_head": arch["n_head"],
+        "n_inner": None,
         "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
         "resid_pdrop": arch.get("dropout", 0.0), "embd_pdrop": arch.get("dropout", 0.0),
-        "attn_pdrop": arch.get("dropout", 0.0), "tie_word_embeddings": True, "lmpipe_step": ckpt["step"],
+        "attn_pdrop": arch.get("dropout", 0.0), "tie_word_embeddings": True,
+        "lmpipe_step": ckpt["step"],
         "bos_token_id": eot, "eos_token_id": eot})
     hf_tok.save(str(d / "tokenizer.json"))
     _write_json(d / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
@@ -243,7 +276,8 @@ def _write_hf(d: Path, ckpt: dict, arch: dict, tok) -> None:
 
 
 def _char_as_hf(tok):
-    """A character vocabulary as a `tokenizers` tokenizer: one token per character, decoded by joining."""
+    """A character vocabulary as a `tokenizers` tokenizer: one token per character, decoded by
+    joining."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(tok.chars)}, unk_token=None))

@@ -103,16 +103,20 @@ def _finding_for(kind: str, text: str, r: Report) -> Finding:
                        f"only if you trust its origin: lmpipe ckpt inspect {path} --trust-pickle")
     if kind == "optimizer":
         if r.view is not None and r.view.format != "lmpipe":
-            return Finding("fixable", "optimizer state does not fit", [text, "resume without the optimizer state in "
-                                                                       "the trainer that wrote it"])
+            return Finding("fixable", "optimizer state does not fit", [text,
+                                                                       "resume without the "
+                                                                       "optimizer state in the "
+                                                                       "trainer that wrote it"])
         return Finding("fixable", "optimizer state does not fit", [text],
                        f"lmpipe resume --checkpoint {path} --no-optimizer --warmup 100")
     if kind == "architecture" and r.view is not None:
         from lmpipe.ckpt.views import infer_arch
 
         shapes = ", ".join(f"{k}={x}" for k, x in infer_arch(r.view.state).items())
-        return Finding("broken", "tensor size mismatch", [text, f"the weights themselves say {shapes}",
-                                                          "the file was edited or written by another program"])
+        return Finding("broken", "tensor size mismatch", [text,
+                                                          f"the weights themselves say {shapes}",
+                                                          "the file was edited or written by "
+                                                          "another program"])
     if kind == "tokenizer" or "tokenizer" in text:
         return _missing_tokenizer(path, text)
     return Finding("broken", kind, [text])
@@ -263,9 +267,11 @@ def _step_in_name(name: str) -> int | None:
 
 def _use_command(row: Row) -> str:
     if row.format == "nanochat":
-        return f"python -m scripts.base_train --model-tag={Path(row.path).parent.name} --resume-from-step={row.step}"
+        return (f"python -m scripts.base_train --model-tag={Path(row.path).parent.name} "
+                f"--resume-from-step={row.step}")
     if row.format == "lmpipe":
-        return f"lmpipe resume --checkpoint {row.path}   (or: lmpipe generate --checkpoint {row.path})"
+        return (f"lmpipe resume --checkpoint {row.path}   "
+                f"(or: lmpipe generate --checkpoint {row.path})")
     return f"lmpipe ckpt inspect {row.path}"
 
 
@@ -275,17 +281,21 @@ def _prefixes(v: View) -> list[Finding]:
     hit = sorted({p for k in keys for p in ("_orig_mod.", "module.") if k.startswith(p)})
     if not hit:
         return []
-    fix = f"lmpipe ckpt import {v.path}   (writes a clean lmpipe copy)" if v.format == "nanogpt" else None
-    return [Finding("note", f"weight names carry {' and '.join(hit)} prefixes (torch.compile / DDP)",
+    fix = (f"lmpipe ckpt import {v.path}   (writes a clean lmpipe copy)"
+           if v.format == "nanogpt" else None)
+    return [Finding("note",
+                    f"weight names carry {' and '.join(hit)} prefixes (torch.compile / DDP)",
                     ["lmpipe strips them on load and never writes them"], fix)]
 
 
 def _tokenizer(v: View) -> list[Finding]:
-    if v.format == "nanogpt" and v.tokenizer and v.tokenizer["kind"] == "gpt2" and (v.arch.get("vocab_size") or 0) < 50257:
+    if v.format == "nanogpt" and v.tokenizer and v.tokenizer["kind"] == "gpt2" \
+            and (v.arch.get("vocab_size") or 0) < 50257:
         ds = v.hyperparameters.get("config", {}).get("dataset", "DATASET")
         return [Finding("fixable", "missing tokenizer", [
-            f"vocab_size={v.arch.get('vocab_size')} is a character vocabulary, but no meta.pkl was found "
-            f"(looked beside the checkpoint and in data/{ds}/)", f"rebuild it with nanoGPT: python data/{ds}/prepare.py"],
+            f"vocab_size={v.arch.get('vocab_size')} is a character vocabulary, but no meta.pkl was "
+            f"found (looked beside the checkpoint and in data/{ds}/)",
+            f"rebuild it with nanoGPT: python data/{ds}/prepare.py"],
             f"lmpipe ckpt import {v.path} --meta data/{ds}/meta.pkl")]
     if v.tokenizer is None and v.format in ("nanochat", "hf"):  # lmpipe: a missing key, see check()
         return [_missing_tokenizer(v.path, "no tokenizer found", v.format)]
@@ -299,28 +309,35 @@ def _missing_tokenizer(path: Path, text: str, fmt: str = "lmpipe") -> Finding:
     if fmt == "nanochat":
         where = nanochat_base_dir(path.parent) / "tokenizer"
         return Finding("fixable", "missing tokenizer", [text, f"nanochat looks in {where}/"],
-                       "python -m scripts.tok_train   (nanochat rebuilds it from its training data)")
+                       "python -m scripts.tok_train   "
+                       "(nanochat rebuilds it from its training data)")
     if fmt == "hf":
-        return Finding("fixable", "missing tokenizer", [text, f"no tokenizer.json or vocab.json in {path}"],
-                       f"copy tokenizer.json (or vocab.json + merges.txt) from the base model into {path}/")
+        return Finding("fixable", "missing tokenizer",
+                       [text, f"no tokenizer.json or vocab.json in {path}"],
+                       "copy tokenizer.json (or vocab.json + merges.txt) from the base model into "
+                       f"{path}/")
     found = [p for p in (path.parent / "tokenizer.json", TOKENIZER_FILE) if p.is_file()]
     if found:
         return Finding("fixable", "missing tokenizer", [text, f"found a tokenizer at {found[0]}"],
                        f"lmpipe ckpt import {path} --tokenizer {found[0]}")
-    return Finding("fixable", "missing tokenizer", [text, "no tokenizer.json beside it or in data/tokenizer/"],
-                   f"lmpipe stage tokenizer (on the corpus it was trained on), then lmpipe ckpt import {path} "
-                   f"--tokenizer {TOKENIZER_FILE}")
+    return Finding("fixable", "missing tokenizer",
+                   [text, "no tokenizer.json beside it or in data/tokenizer/"],
+                   "lmpipe stage tokenizer (on the corpus it was trained on), then lmpipe ckpt "
+                   f"import {path} --tokenizer {TOKENIZER_FILE}")
 
 
 def _resumability(v: View) -> list[Finding]:
     if v.format != "lmpipe":
         return []
     if "train_state" not in v.keys:
-        return [Finding("note", "no training state", ["written by an older lmpipe or imported: it generates; "
-                                                      "training on starts a fresh state and optimizer"],
-                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100 --source YOUR_TEXT")]
+        return [Finding("note", "no training state", ["written by an older lmpipe or imported: it "
+                                                      "generates; training on starts a fresh "
+                                                      "state and optimizer"],
+                        f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100 --source "
+                        "YOUR_TEXT")]
     if v.optimizer is None:
-        return [Finding("note", "no optimizer state", ["it can generate; resuming needs a fresh optimizer"],
+        return [Finding("note", "no optimizer state",
+                        ["it can generate; resuming needs a fresh optimizer"],
                         f"lmpipe resume --checkpoint {v.path} --no-optimizer --warmup 100")]
     return []
 
@@ -340,13 +357,16 @@ def _size_mismatch(v: View, model_cfg: dict, forced: bool) -> list[Finding]:
         return []
     keys = [k for k in ARCH_KEYS if k in arch and k in want and arch[k] != want[k]]
     detail = [f"{k}: checkpoint {tuple(a)}, configured model {tuple(b)}" for k, a, b in reshaped]
-    for names, where in ((missing, "only in the configured model"), (unexpected, "only in the checkpoint")):
+    for names, where in ((missing, "only in the configured model"),
+                         (unexpected, "only in the checkpoint")):
         if names:
-            detail.append(f"{len(names)} tensor(s) {where}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
+            detail.append(f"{len(names)} tensor(s) {where}: "
+                          f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")
     if keys:
         detail.append(f"checkpoint has {', '.join(f'{k}={arch[k]}' for k in keys)}; you asked for "
                       f"{joined([str(want[k]) for k in keys])}")
-    detail.append("lmpipe resume and generate build the model from the checkpoint's own hyperparameters")
+    detail.append("lmpipe resume and generate build the model from the checkpoint's own "
+                  "hyperparameters")
     fix = "drop the -S model.* / MODEL_TYPE overrides, or match the checkpoint: " + \
         " ".join(f"-S model.{k}={arch[k]}" for k in keys if k != "vocab_size")
     return [Finding("fixable", "tensor size mismatch", detail, fix)]
@@ -360,7 +380,8 @@ def _directory(d: Path, rows: list[Row]) -> Diagnosis:
     out = Diagnosis(str(d), f"directory, {len(rows)} checkpoint(s)")
     tmps = stale_temporaries(d)
     if tmps:
-        out.findings.append(Finding("note", "temporaries of interrupted saves", [t.name for t in tmps[:5]],
+        out.findings.append(Finding("note", "temporaries of interrupted saves",
+                                    [t.name for t in tmps[:5]],
                                     "removed when training next starts in this directory; or: rm " +
                                     " ".join(str(t) for t in tmps[:5])))
     dangling = [n for n in read_manifest(d) if not (d / n).exists()]
@@ -372,5 +393,6 @@ def _directory(d: Path, rows: list[Row]) -> Diagnosis:
         if free < 2 * biggest:
             out.findings.append(Finding("fixable", "low disk space", [
                 f"{free / 1e6:.0f} MB free, the largest checkpoint is {biggest / 1e6:.0f} MB"],
-                "free space, or keep fewer: -S checkpoint.keep_last=2 (retention deletes older ones)"))
+                "free space, or keep fewer: -S checkpoint.keep_last=2 (retention deletes older "
+                "ones)"))
     return out

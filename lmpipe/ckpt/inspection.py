@@ -33,13 +33,15 @@ class Row:
     time: datetime | None
     size: int
     val_loss: float | None
-    verified: str  # ok (size matches the manifest) | unverified | corrupt | - (no manifest: not checked)
+    # ok (size matches the manifest) | unverified | corrupt | - (no manifest: not checked)
+    verified: str
     run_id: str
     path: str
     val_step: int | None = None  # the step val_loss comes from; val_loss is None if that is earlier
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "time": self.time.isoformat(timespec="seconds") if self.time else None}
+        return {**asdict(self),
+                "time": self.time.isoformat(timespec="seconds") if self.time else None}
 
 
 def scan(root: str | Path, depth: int = 3) -> list[Row]:
@@ -49,7 +51,8 @@ def scan(root: str | Path, depth: int = 3) -> list[Row]:
     root = Path(root).expanduser()
     if not root.is_dir():
         refuse_manifest(root, "list them with 'lmpipe ckpt list {directory}/'")
-        raise UserError(f"Checkpoint not found: {root} is not a directory; train with ENABLE_CHECKPOINTS=true, "
+        raise UserError(f"Checkpoint not found: {root} is not a directory; train with "
+                        "ENABLE_CHECKPOINTS=true, "
                         "or pass the directory that holds the checkpoints")
     rows = [row for d in _dirs(root, depth) for row in _rows_in(d)]
     return sorted(rows, key=lambda r: (r.time or datetime.min, r.step or 0))
@@ -70,8 +73,10 @@ def _dirs(root: Path, depth: int) -> Iterator[Path]:
 def _rows_in(d: Path) -> list[Row]:
     try:
         return _rows(d)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # a malformed config.json or meta_*.json
-        return [Row("?", "?", "?", None, None, 0, None, "unreadable", "", f"{d} ({type(e).__name__}: {e})")]
+    # a malformed config.json or meta_*.json
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [Row("?", "?", "?", None, None, 0, None, "unreadable", "",
+                    f"{d} ({type(e).__name__}: {e})")]
 
 
 def _rows(d: Path) -> list[Row]:
@@ -80,7 +85,8 @@ def _rows(d: Path) -> list[Row]:
     rows = _lmpipe_rows(d) + [_nanochat_row(d, s) for s in nanochat_steps(d)]
     claimed = {Path(r.path).name for r in rows}
     others = [p for p in sorted(d.iterdir()) if p.is_file() and p.suffix in (".pt", ".ckpt", ".pth")
-              and p.name not in claimed and not p.name.startswith(".") and not NANOCHAT_RE.match(p.name)
+              and p.name not in claimed and not p.name.startswith(".")
+              and not NANOCHAT_RE.match(p.name)
               and not p.name.startswith("checkpoint_")]
     return rows + [_torch_row(p) for p in others]
 
@@ -98,7 +104,8 @@ def _lmpipe_rows(d: Path) -> list[Row]:
     rows = []
     for p in d.glob("checkpoint_*.pt"):
         named, entry, size = parse_filename(p) or {}, manifest.get(p.name), p.stat().st_size
-        verified = "unverified" if entry is None else ("ok" if entry.get("size") == size else "corrupt")
+        verified = "unverified" if entry is None else ("ok" if entry.get("size") == size
+                                                       else "corrupt")
         metrics, step = (entry or {}).get("metrics") or {}, named.get("step")
         rows.append(Row("lmpipe", named.get("model", "?"), named.get("source", "?"), step,
                         named.get("time") or _mtime(p), size, current_val_loss(metrics, step),
@@ -111,8 +118,10 @@ def _nanochat_row(d: Path, step: int) -> Row:
     model, meta = d / f"model_{step:06d}.pt", d / f"meta_{step:06d}.json"
     info = json.loads(meta.read_text()) if meta.exists() else {}
     cfg = info.get("model_config") or {}
-    size = sum(p.stat().st_size for p in [model, meta, *d.glob(f"optim_{step:06d}*.pt")] if p.exists())
-    return Row("nanochat", f"nanochat-d{cfg['n_layer']}" if "n_layer" in cfg else "nanochat", d.name, step,
+    size = sum(p.stat().st_size for p in [model, meta,
+                                          *d.glob(f"optim_{step:06d}*.pt")] if p.exists())
+    return Row("nanochat", f"nanochat-d{cfg['n_layer']}" if "n_layer" in cfg else "nanochat",
+               d.name, step,
                _mtime(model), size, None, "-" if info else "no meta", "", str(model))
 
 
@@ -121,16 +130,21 @@ def _hf_row(d: Path) -> Row:
     trainer = d / "trainer_state.json"
     progress = json.loads(trainer.read_text()) if trainer.exists() else {}
     files = [d / f for f in hf_weight_files(d)]
-    return Row("hf", cfg.get("model_type", "?"), d.name, progress.get("global_step"), _mtime(d / "config.json"),
-               sum(f.stat().st_size for f in files if f.exists()), progress.get("best_metric"), "-", "", str(d))
+    return Row("hf", cfg.get("model_type", "?"), d.name, progress.get("global_step"),
+               _mtime(d / "config.json"),
+               sum(f.stat().st_size for f in files if f.exists()), progress.get("best_metric"), "-",
+               "", str(d))
 
 
 def _torch_row(p: Path) -> Row:
     try:
         v = open_view(p)
-    except Exception as e:  # one unreadable file must not stop the listing; verify and doctor explain it
-        return Row("?", "?", "?", None, _mtime(p), p.stat().st_size, None, _problem_word(e), "", str(p))
-    return Row(v.format, str(v.arch.get("type") or v.format), str(v.info.get("source") or p.stem), v.step, _mtime(p),
+    # one unreadable file must not stop the listing; verify and doctor explain it
+    except Exception as e:
+        return Row("?", "?", "?", None, _mtime(p), p.stat().st_size, None, _problem_word(e), "",
+                   str(p))
+    return Row(v.format, str(v.arch.get("type") or v.format), str(v.info.get("source") or p.stem),
+               v.step, _mtime(p),
                p.stat().st_size, v.info.get("val_loss"), "-", str(v.info.get("run_id") or ""),
                str(p), v.info.get("val_step"))
 
@@ -141,9 +155,11 @@ def _problem_word(e: Exception) -> str:
     return "unsafe" if isinstance(e, UnsafePickle) else "unreadable"
 
 
-def filter_rows(rows: list[Row], model: str | None, source: str | None, step: int | None) -> list[Row]:
+def filter_rows(rows: list[Row], model: str | None, source: str | None,
+                step: int | None) -> list[Row]:
     return [r for r in rows if (model is None or r.model.lower() == model.lower())
-            and (source is None or source.lower() in r.source.lower()) and (step is None or r.step == step)]
+            and (source is None or source.lower() in r.source.lower()) and (step is None
+                                                                            or r.step == step)]
 
 
 # --- inspect -------------------------------------------------------------------------------------
@@ -166,7 +182,8 @@ def describe(v: View) -> dict[str, Any]:
         "architecture": {k: x for k, x in v.arch.items() if x is not None},
         "hyperparameters": _plain(v.hyperparameters), "tensors": tensors,
         "total_params": sum(t["params"] for t in tensors), "unique_params": unique,
-        "optimizer": optimizer_summary(v.optimizer, v.format), "tokenizer": v.tokenizer, "versions": v.versions,
+        "optimizer": optimizer_summary(v.optimizer, v.format), "tokenizer": v.tokenizer,
+        "versions": v.versions,
     }
 
 
@@ -219,11 +236,13 @@ def optimizer_summary(opt: Any, fmt: str) -> list[dict[str, Any]] | None:
             continue
         state = o.get("state") or {}
         keys = sorted({k for st in state.values() for k in st})
-        groups = [{"params": len(g["params"]), **{k: _plain(g[k]) for k in ("lr", "weight_decay", "betas", "momentum")
+        groups = [{"params": len(g["params"]), **{k: _plain(g[k]) for k in ("lr", "weight_decay",
+                                                                            "betas", "momentum")
                                                   if k in g}} for g in o["param_groups"]]
         steps = [int(st["step"]) for st in state.values() if "step" in st]
         out.append({"type": _optimizer_type(keys, o["param_groups"], fmt), "param_groups": groups,
-                    "params_with_state": len(state), "state_keys": keys, "step": max(steps) if steps else None})
+                    "params_with_state": len(state), "state_keys": keys,
+                    "step": max(steps) if steps else None})
     return out
 
 
@@ -244,29 +263,36 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: _plain(d)} if prefix else {}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": _plain(v)})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v,
+                                                             dict) else {f"{prefix}{k}": _plain(v)})
     return out
 
 
 def diff(a: View, b: View) -> dict[str, Any]:
-    """Hyperparameter differences, tensors added/removed/reshaped, and per-tensor weight-change norms
+    """Hyperparameter differences, tensors added/removed/reshaped, and per-tensor weight-change
+    norms
     (‖B−A‖, relative to ‖A‖, and the largest absolute change)."""
     fa = flatten({"architecture": a.arch, "step": a.step, **a.hyperparameters})
     fb = flatten({"architecture": b.arch, "step": b.step, **b.hyperparameters})
-    params = [{"key": k, "a": fa.get(k), "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    params = [{"key": k, "a": fa.get(k),
+               "b": fb.get(k)} for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     sa = {n: shape_of(a.state, n) for n in a.state}
     sb = {n: shape_of(b.state, n) for n in b.state}
-    reshaped = [{"name": n, "a": list(sa[n][0]), "b": list(sb[n][0])} for n in sa if n in sb and sa[n][0] != sb[n][0]]
+    reshaped = [{"name": n, "a": list(sa[n][0]),
+                 "b": list(sb[n][0])} for n in sa if n in sb and sa[n][0] != sb[n][0]]
     changes, total_d, total_a = [], 0.0, 0.0
     for n in sa:
         if n in sb and sa[n][0] == sb[n][0]:
             ta, tb = a.state[n].double(), b.state[n].double()
             d, na = float((tb - ta).norm()), float(ta.norm())
             total_d, total_a = total_d + d * d, total_a + na * na
-            changes.append({"name": n, "norm": d, "relative": d / na if na else (0.0 if d == 0 else float("inf")),
+            changes.append({"name": n, "norm": d,
+                            "relative": d / na if na else (0.0 if d == 0 else float("inf")),
                             "max_abs": float((tb - ta).abs().max()) if ta.numel() else 0.0})
     changes.sort(key=lambda c: -c["relative"])
     return {"a": str(a.path), "b": str(b.path), "hyperparameters": params,
-            "added": sorted(set(sb) - set(sa)), "removed": sorted(set(sa) - set(sb)), "reshaped": reshaped,
-            "changes": changes, "relative_change": (total_d ** 0.5) / (total_a ** 0.5) if total_a else 0.0,
+            "added": sorted(set(sb) - set(sa)), "removed": sorted(set(sa) - set(sb)),
+            "reshaped": reshaped,
+            "changes": changes,
+            "relative_change": (total_d ** 0.5) / (total_a ** 0.5) if total_a else 0.0,
             "identical": sum(1 for c in changes if c["norm"] == 0.0)}

@@ -25,10 +25,12 @@ def verify_checkpoint(path: str | Path, deep: bool = False) -> Verification:
     # With an entry, the sha256 is the stronger check: the bytes are those read back at the save.
     size = path.stat().st_size
     if size != entry["size"]:
-        return Verification("corrupt", f"{path.name} is {size} bytes, the manifest records {entry['size']} "
+        return Verification("corrupt",
+                            f"{path.name} is {size} bytes, the manifest records {entry['size']} "
                                        "(truncated or overwritten)")
     if file_sha256(path) != entry["sha256"]:
-        return Verification("corrupt", f"{path.name}: sha256 differs from the manifest (the file changed "
+        return Verification("corrupt",
+                            f"{path.name}: sha256 differs from the manifest (the file changed "
                                        "after it was written: disk error or tampering)")
     return Verification("ok")
 

@@ -28,12 +28,14 @@ def latest_verified(directory: str | Path, candidates: list[Path] | None = None)
 
 def resolve_step(directory: str | Path, step: int) -> Path:
     """The checkpoint at `step`, or the nearest earlier one that verifies (and say so)."""
-    found = [p for p in list_checkpoints(directory) if (parse_filename(p) or {}).get("step", -1) <= step]
+    found = [p for p in list_checkpoints(directory) if (parse_filename(p) or {}).get("step",
+                                                                                     -1) <= step]
     found.sort(key=lambda p: parse_filename(p)["step"])  # stable: newest last among equal steps
     if not found:
-        steps = sorted({parse_filename(p)["step"] for p in list_checkpoints(directory) if parse_filename(p)})
-        raise UserError(f"Checkpoint not found: no checkpoint at or before step {step} in {directory}/; "
-                        f"available steps: {', '.join(map(str, steps)) or 'none'}")
+        steps = sorted({parse_filename(p)["step"] for p in list_checkpoints(directory)
+                        if parse_filename(p)})
+        raise UserError(f"Checkpoint not found: no checkpoint at or before step {step} in "
+                        f"{directory}/; available steps: {', '.join(map(str, steps)) or 'none'}")
     path = latest_verified(directory, found)
     got = parse_filename(path)["step"]
     if got != step:
@@ -50,7 +52,8 @@ def resolve_checkpoint(spec: str, directory: str | Path, step: int | None = None
     if any(c in spec for c in "*?["):
         matches = sorted(glob.glob(os.path.expanduser(spec)), key=lambda p: Path(p).stat().st_mtime)
         if not matches:
-            raise UserError(f"Checkpoint not found: nothing matches {spec!r}; list checkpoints with 'ls {directory}/'")
+            raise UserError(f"Checkpoint not found: nothing matches {spec!r}; list checkpoints "
+                            f"with 'ls {directory}/'")
         path = Path(matches[-1])
     refuse_manifest(path)
     return path

@@ -33,7 +33,8 @@ def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
     try:
         return json.loads(path.read_text())["checkpoints"]
     except (ValueError, KeyError):
-        warn(f"{path}: unreadable manifest; checkpoints in {directory} will be verified by loading them")
+        warn(f"{path}: unreadable manifest; checkpoints in {directory} will be verified by loading "
+             "them")
         return {}
 
 

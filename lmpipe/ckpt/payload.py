@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 FORMAT_VERSION = 2  # 2: adds train_state (bit-exact resume) and the manifest
-REQUIRED_KEYS = ("model_state_dict", "hyperparameters", "vocab_size", "block_size", "step", "tokenizer")
+REQUIRED_KEYS = ("model_state_dict", "hyperparameters", "vocab_size", "block_size", "step",
+                 "tokenizer")
 _COMPILE_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DistributedDataParallel wrappers
 
 
@@ -43,10 +44,12 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
     `lmpipe ckpt import` and the tests all build it here. Optional parts left None are left out:
     a checkpoint without train_state is one a resume must restart the optimizer for."""
     payload = {"model_state_dict": weights, "optimizer_state_dict": optimizer,
-               "hyperparameters": hyperparameters, "vocab_size": vocab_size, "block_size": block_size,
+               "hyperparameters": hyperparameters, "vocab_size": vocab_size,
+               "block_size": block_size,
                "batch_size": (hyperparameters.get("train") or {}).get("batch_size")
                if batch_size is None else batch_size,
-               "step": step, "model_type": model_type or hyperparameters["model"]["type"], "source": source,
+               "step": step, "model_type": model_type or hyperparameters["model"]["type"],
+               "source": source,
                "tokenizer": tokenizer_json, "run_id": run_id, "train_state": train_state,
                "metrics": metrics if metrics is not None else {}, "versions": _versions(),
                "imported_from": imported_from}

@@ -23,17 +23,20 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer, path: str | Path) -> 
     now, then = optimizer.param_groups, saved["param_groups"]
     if [len(g["params"]) for g in now] != [len(g["params"]) for g in then]:
         raise UserError(f"{path}: optimizer state has parameter groups of sizes "
-                        f"{[len(g['params']) for g in then]}, the model has {[len(g['params']) for g in now]}; {fix}")
+                        f"{[len(g['params']) for g in then]}, the model has "
+                        f"{[len(g['params']) for g in now]}; {fix}")
     params = [p for g in now for p in g["params"]]
     for idx, st in saved.get("state", {}).items():
         for key, value in st.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 continue
             if value.shape != params[idx].shape:
-                raise UserError(f"{path}: optimizer {key} of parameter {idx} has shape {tuple(value.shape)}, "
-                                f"the parameter has {tuple(params[idx].shape)}; {fix}")
+                raise UserError(f"{path}: optimizer {key} of parameter {idx} has shape "
+                                f"{tuple(value.shape)}, the parameter has "
+                                f"{tuple(params[idx].shape)}; {fix}")
             if not torch.isfinite(value).all():
-                raise UserError(f"{path}: optimizer {key} of parameter {idx} contains NaN or Inf; {fix}")
+                raise UserError(f"{path}: optimizer {key} of parameter {idx} contains NaN or Inf; "
+                                f"{fix}")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
@@ -47,8 +50,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
     if reshaped or missing:
         lines = [f"{k}: checkpoint {a}, model {b}" for k, a, b in reshaped[:5]]
         raise UserError(f"checkpoint weights do not fit a {arch['type']} model built from its own "
-                        f"hyperparameters ({'; '.join(lines) or 'missing ' + ', '.join(missing[:5])}); "
-                        "the file was edited or written by another program")
+                        "hyperparameters "
+                        f"({'; '.join(lines) or 'missing ' + ', '.join(missing[:5])}); the file "
+                        "was edited or written by another program")
     model.load_state_dict(ckpt["model_state_dict"], strict=False)
     return model.to(device).eval()
 
@@ -69,7 +73,8 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]):
     return tokenizer.from_json(ckpt["tokenizer"])
 
 
-def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, tuple, tuple]], list[str], list[str]]:
+def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, tuple, tuple]],
+                                                                list[str], list[str]]:
     """Compare a state dict with a model built from `arch`: (reshaped, missing, unexpected).
     Verify and doctor check a checkpoint of any format this way, without loading its weights."""
     from models import build_model
@@ -87,6 +92,7 @@ def _misfit(state: Any, model) -> tuple[list[tuple[str, tuple, tuple]], list[str
 
 
 def is_mask_buffer(name: str) -> bool:
-    return name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")  # nanoGPT/HF causal masks
+    # nanoGPT/HF causal masks
+    return name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")
 
 

@@ -93,7 +93,7 @@ def _check_archive(f: BinaryIO) -> int:
     strict = _torch_written(entries)
     buf = memoryview(bytearray(min(CHUNK, max((e.csize for e in entries), default=0))))
     at = 0  # the records tile the file: each starts where the one before ends
-    for e, end in zip(entries, ends):
+    for e, end in zip(entries, ends, strict=True):
         if e.offset != at:
             raise Damaged(f"zip record {e.label} starts at byte {e.offset}, not {at}")
         _check_record(f, e, end, strict, buf)
@@ -140,7 +140,8 @@ def _zip64_end(f: BinaryIO, locator: tuple, end_at: int, short: tuple) -> tuple[
     if sig != b"PK\x06\x06" or size != _END64.size - 12 or (disk, cd_disk, here) != (0, 0, total):
         raise Damaged("the zip64 end record is inconsistent")
     full = (_FULL16, _FULL32, _FULL32)  # the short record holds each value or "see zip64"
-    if any(s not in (v, m) for s, v, m in zip(short, (total, cd_size, cd_start), full)) or \
+    if any(s not in (v, m) for s, v,
+           m in zip(short, (total, cd_size, cd_start), full, strict=True)) or \
             cd_start + cd_size != at:
         raise Damaged("the zip end record and the zip64 end record disagree")
     return cd_start, cd_size, total
@@ -183,7 +184,7 @@ def _zip64_values(z64: bytes, values: tuple[int, ...]) -> tuple[int, ...]:
     if len(z64) < struct.calcsize(fmt):
         raise Damaged("a zip central directory entry lacks the zip64 values it marks")
     out = list(values)
-    for i, v in zip(wide, struct.unpack_from(fmt, z64)):
+    for i, v in zip(wide, struct.unpack_from(fmt, z64), strict=True):
         out[i] = v
     return tuple(out)
 
@@ -273,5 +274,4 @@ def _check_descriptor(f: BinaryIO, e: _Entry, at: int, end: int) -> None:
     raw = f.read(end - at) if fmt else b""
     if fmt is None or (len(raw) in (16, 24) and raw[:4] != b"PK\x07\x08") or \
             struct.unpack(fmt, raw) != (e.crc, e.csize, e.usize):
-        raise Damaged(f"the zip data descriptor of {e.label} disagrees with the central "
-                      "directory")
+        raise Damaged(f"the zip data descriptor of {e.label} disagrees with the central directory")

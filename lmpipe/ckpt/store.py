@@ -16,7 +16,8 @@ from lmpipe.ckpt.payload import FORMAT_VERSION, REQUIRED_KEYS, strip_prefixes
 from lmpipe.common.errors import UserError
 from lmpipe.common.fileio import SaveAbandoned, atomic_path, stale_temporaries, write_error
 
-NAME_RE = re.compile(r"^checkpoint_(?P<model>[a-z0-9]+)_(?P<source>.+)_step(?P<step>\d+)_(?P<time>\d{8}_\d{6})\.pt$")
+NAME_RE = re.compile(r"^checkpoint_(?P<model>[a-z0-9]+)_(?P<source>.+)"
+                     r"_step(?P<step>\d+)_(?P<time>\d{8}_\d{6})\.pt$")
 
 
 def checkpoint_filename(model: str, source: str, step: int, when: datetime | None = None) -> str:
@@ -49,12 +50,14 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
     def record(tmp: Path, digest: str | None) -> None:
         entry.update(file=path.name, sha256=digest, size=tmp.stat().st_size,
                      step=payload.get("step"), run_id=payload.get("run_id"),
-                     metrics=_finite(payload.get("metrics", {})), created=datetime.now().isoformat())
+                     metrics=_finite(payload.get("metrics", {})),
+                     created=datetime.now().isoformat())
         update_manifest(path.parent, lambda m: m.__setitem__(path.name, entry))
 
     with atomic_path(path, before_commit=record, sha256=True) as tmp:
         try:
-            torch.save(payload, str(tmp))  # by name: torch's C++ writer, 2-3x faster than a file object
+            # by name: torch's C++ writer, 2-3x faster than a file object
+            torch.save(payload, str(tmp))
         except RuntimeError as e:
             raise write_error(tmp, e) from None
         if abort is not None and abort.is_set():
@@ -63,7 +66,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any], abort=None) -> di
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if v is not None and v == v and abs(v) != float("inf") else None) for k, v in metrics.items()}
+    return {k: (v if v is not None and v == v and abs(v) != float("inf") else None) for k,
+            v in metrics.items()}
 
 
 def refuse_manifest(path: str | Path,
@@ -102,7 +106,8 @@ def clean_directory(directory: str | Path) -> list[str]:
     dangling = [n for n in read_manifest(directory) if not (directory / n).exists()]
     if dangling:
         update_manifest(directory, lambda m: [m.pop(n) for n in dangling])
-        notes.append(f"dropped {len(dangling)} manifest entr{'y' if len(dangling) == 1 else 'ies'} without a file")
+        notes.append(f"dropped {len(dangling)} manifest entr{'y' if len(dangling) == 1 else 'ies'} "
+                     "without a file")
     return notes
 
 
@@ -121,14 +126,17 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     try:
         ckpt = torch_load(path, trust_pickle, mmap, map_location)
     except Unreadable as e:
-        raise UserError(f"{e}: the checkpoint is corrupted (an interrupted save, a full disk or a bad copy); "
-                        f"use one from an earlier step ('lmpipe ckpt doctor {path}' names it)") from None
+        raise UserError(f"{e}: the checkpoint is corrupted (an interrupted save, a full disk or "
+                        "a bad copy); use one from an earlier step "
+                        f"('lmpipe ckpt doctor {path}' names it)") from None
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
-        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; {foreign_hint(ckpt, path)}")
+        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; "
+                        f"{foreign_hint(ckpt, path)}")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise UserError(f"{path}: checkpoint is missing {', '.join(missing)}; it was not written by lmpipe "
-                        f"or is from an incompatible version ('lmpipe ckpt doctor {path}' explains what to do)")
+        raise UserError(f"{path}: checkpoint is missing {', '.join(missing)}; it was not written "
+                        "by lmpipe or is from an incompatible version ('lmpipe ckpt doctor "
+                        f"{path}' explains what to do)")
     ckpt["model_state_dict"] = strip_prefixes(ckpt["model_state_dict"])
     return ckpt
 
@@ -139,7 +147,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [p for p in directory.glob("checkpoint_*.pt") if p.is_file()]
-    return sorted(found, key=lambda p: (p.stat().st_mtime, (parse_filename(p) or {}).get("step", 0)))
+    return sorted(found,
+                  key=lambda p: (p.stat().st_mtime, (parse_filename(p) or {}).get("step", 0)))
 
 
 def foreign_hint(obj: Any, path: Path) -> str:
@@ -149,7 +158,8 @@ def foreign_hint(obj: Any, path: Path) -> str:
         return f"it is a nanoGPT checkpoint: convert it with 'lmpipe ckpt import {path}'"
     fix = "use a checkpoint from an earlier step, or re-run training with ENABLE_CHECKPOINTS=true"
     if "state_dict" in keys or is_state(obj):
-        kind = "a Lightning (or state_dict)" if "state_dict" in keys else "a bare state dict, not an lmpipe"
+        kind = ("a Lightning (or state_dict)" if "state_dict" in keys
+                else "a bare state dict, not an lmpipe")
         return f"it is {kind} checkpoint ('lmpipe ckpt inspect {path}' describes it); {fix}"
     return f"the file may be corrupted or not a checkpoint; {fix}"
 
@@ -157,6 +167,7 @@ def foreign_hint(obj: Any, path: Path) -> str:
 def is_state(obj: Any) -> bool:
     import torch
 
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj,
+                      dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 

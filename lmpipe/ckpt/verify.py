@@ -1,4 +1,5 @@
-"""`lmpipe ckpt verify`: everything that must hold for a checkpoint to be trusted, one problem per line.
+"""`lmpipe ckpt verify`: everything that must hold for a checkpoint to be trusted, one problem per
+line.
 
 Integrity (size and sha256 against the manifest; without an entry, and for other trainers' files,
 every zip record against its CRC-32), loadability with weights_only, completeness, weights that fit
@@ -21,7 +22,8 @@ from models import MODELS
 
 @dataclass
 class Problem:
-    kind: str  # integrity | unsafe | load | incomplete | architecture | tokenizer | nonfinite | optimizer
+    # integrity | unsafe | load | incomplete | architecture | tokenizer | nonfinite | optimizer
+    kind: str
     text: str
 
 
@@ -63,7 +65,8 @@ def check(path: str | Path, trust_pickle: bool = False) -> Report:
     if not all(_intact(f, r) for f in r.view.files if f != path and f.suffix in (".pt", ".bin")):
         return r  # another file of the checkpoint (nanochat's optimizer shards, a .bin) is damaged
     misfit = _architecture(r.view)
-    r.problems += _completeness(r.view) + misfit + _nonfinite(r.view) + _optimizer(r.view, exact=not misfit)
+    r.problems += _completeness(r.view) + misfit + _nonfinite(r.view) + _optimizer(r.view,
+                                                                                   exact=not misfit)
     return r
 
 
@@ -91,13 +94,16 @@ def _completeness(v: View) -> list[Problem]:
     if v.format == "lmpipe":
         missing = [k for k in REQUIRED_KEYS if k not in v.keys]
         if missing:
-            out.append(Problem("incomplete", f"missing {', '.join(missing)} (not written by this lmpipe)"))
+            out.append(Problem("incomplete",
+                               f"missing {', '.join(missing)} (not written by this lmpipe)"))
     if v.format == "nanochat" and v.info.get("missing_meta"):
-        out.append(Problem("incomplete", f"meta_{v.step:06d}.json is missing: the model config is unknown"))
+        out.append(Problem("incomplete",
+                           f"meta_{v.step:06d}.json is missing: the model config is unknown"))
     tok = v.tokenizer
     if tok and tok.get("problem"):
         out.append(Problem("tokenizer", tok["problem"]))
-    elif tok and v.format == "lmpipe" and (tok.get("vocab_size") or 0) > (v.arch.get("vocab_size") or 0):
+    elif tok and v.format == "lmpipe" and (tok.get("vocab_size") or 0) > (v.arch.get("vocab_size")
+                                                                          or 0):
         out.append(Problem("tokenizer", f"tokenizer has {tok.get('vocab_size')} tokens, the model "
                                         f"{v.arch.get('vocab_size')}"))
     return out
@@ -105,9 +111,11 @@ def _completeness(v: View) -> list[Problem]:
 
 def buildable_arch(v: View) -> dict[str, Any] | None:
     arch = dict(v.arch)
-    if arch.get("type") not in MODELS or not arch.get("vocab_size"):  # the registry: what lmpipe can build
+    # the registry: what lmpipe can build
+    if arch.get("type") not in MODELS or not arch.get("vocab_size"):
         return None
-    if arch["type"] != "bigram" and not all(arch.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size")):
+    if arch["type"] != "bigram" and not all(arch.get(k) for k in ("n_layer", "n_head", "n_embd",
+                                                                  "block_size")):
         return None
     return arch
 
@@ -119,10 +127,13 @@ def _architecture(v: View) -> list[Problem]:
     try:
         reshaped, missing, unexpected = shape_mismatches(v.state, arch)
     except (TypeError, ValueError, RuntimeError) as e:
-        return [Problem("architecture", f"its hyperparameters do not build a {arch['type']} model ({e})")]
+        return [Problem("architecture",
+                        f"its hyperparameters do not build a {arch['type']} model ({e})")]
     lines = [f"{k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in reshaped]
-    lines += [f"{k}: missing" for k in missing[:5]] + [f"{k}: not in the model" for k in unexpected[:5]]
-    return [Problem("architecture", "weights do not fit the architecture it declares: " + "; ".join(lines[:6]))] \
+    lines += [f"{k}: missing" for k in missing[:5]] + [f"{k}: not in the model" for k
+                                                       in unexpected[:5]]
+    return [Problem("architecture",
+                    "weights do not fit the architecture it declares: " + "; ".join(lines[:6]))] \
         if lines else []
 
 
@@ -131,7 +142,8 @@ def _nonfinite(v: View) -> list[Problem]:
     opt_bad = [name for name, t in _optimizer_tensors(v.optimizer) if not _finite(t)]
     out = []
     if bad:
-        out.append(Problem("nonfinite", f"NaN or Inf in {len(bad)} weight tensor(s): {', '.join(bad[:5])}"))
+        out.append(Problem("nonfinite",
+                           f"NaN or Inf in {len(bad)} weight tensor(s): {', '.join(bad[:5])}"))
     if opt_bad:
         out.append(Problem("optimizer", f"NaN or Inf in optimizer state: {', '.join(opt_bad[:5])}"))
     return out
@@ -161,8 +173,10 @@ def _optimizer_tensors(opt: Any):
 
 def _optimizer(v: View, exact: bool = True) -> list[Problem]:
     """lmpipe and nanoGPT order parameters the same way (matrices, then vectors): check each one
-    (unless the weights already misfit the architecture). Other formats: the shapes of their state."""
-    if not v.optimizer or v.format == "nanochat":  # nanochat shards state across ranks: shapes differ
+    (unless the weights already misfit the architecture). Other formats: the shapes of their
+    state."""
+    # nanochat shards state across ranks: shapes differ
+    if not v.optimizer or v.format == "nanochat":
         return []
     arch = buildable_arch(v)
     if arch is not None and v.format in ("lmpipe", "nanogpt") and isinstance(v.optimizer, dict):
@@ -175,10 +189,15 @@ def _optimizer(v: View, exact: bool = True) -> list[Problem]:
         if not isinstance(o, dict) or "param_groups" not in o:
             continue
         for idx, st in (o.get("state") or {}).items():
-            odd = [k for k, t in st.items() if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) not in shapes]
+            odd = [k for k,
+                   t in st.items() if isinstance(t,
+                                                 torch.Tensor) and t.dim() > 0
+                   and tuple(t.shape) not in shapes]
             if odd:
-                out.append(Problem("optimizer", f"optimizer {i} state {odd[0]} of parameter {idx} has shape "
-                                                f"{tuple(st[odd[0]].shape)}, which no weight tensor has"))
+                out.append(Problem("optimizer",
+                                   f"optimizer {i} state {odd[0]} of parameter {idx} has shape "
+                                                f"{tuple(st[odd[0]].shape)}, which no weight "
+                                                "tensor has"))
                 break
     return out
 

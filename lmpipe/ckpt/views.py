@@ -22,7 +22,8 @@ from lmpipe.common.errors import UserError
 NANOCHAT_RE = re.compile(r"^(model|meta|optim)_(\d{6})(?:_rank(\d+))?\.(pt|json)$")
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json")
-NANOCHAT_GROUPS = ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints")
+NANOCHAT_GROUPS = ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints",
+                   "chatrl_checkpoints")
 
 
 @dataclass
@@ -33,7 +34,8 @@ class View:
     files: list[Path]
     state: Any  # {tensor name: tensor}, memory-mapped
     step: int | None = None
-    arch: dict[str, Any] = field(default_factory=dict)  # type, vocab_size, block_size, n_layer, n_head, n_embd
+    # type, vocab_size, block_size, n_layer, n_head, n_embd
+    arch: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # as the file stores them
     tokenizer: dict[str, Any] | None = None  # kind, vocab_size, where; None: none found
     optimizer: Any = None  # a state_dict, a list of them (one per optimizer or rank), or None
@@ -51,11 +53,14 @@ def open_view(path: str | Path, trust_pickle: bool = False) -> View:
     path = Path(os.path.expanduser(str(path)))
     refuse_manifest(path)
     if not path.exists():
-        raise UserError(f"Checkpoint not found: {path}; 'lmpipe ckpt doctor {path}' shows what exists nearby")
+        raise UserError(f"Checkpoint not found: {path}; 'lmpipe ckpt doctor {path}' shows what "
+                        "exists nearby")
     try:
         return _open(path, trust_pickle)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # JSON errors are ValueErrors
-        raise UserError(f"{path}: its layout is not what its format promises ({type(e).__name__}: {e}); "
+    # JSON errors are ValueErrors
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path}: its layout is not what its format promises "
+                        f"({type(e).__name__}: {e}); "
                         f"'lmpipe ckpt doctor {path}' may say more") from None
 
 
@@ -98,7 +103,8 @@ def classify(path: Path, obj: Any, trust_pickle: bool = False) -> View:
     state = obj if is_state(obj) else next((obj[k] for k in ("state_dict", "model") if k in keys
                                              and is_state(obj[k])), None)
     if state is None:
-        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; {foreign_hint(obj, path)}")
+        raise UserError(f"{path}: Checkpoint does not contain model_state_dict; "
+                        f"{foreign_hint(obj, path)}")
     return View("torch", path, [path], state, step=_int(obj.get("step")) if keys else None,
                 arch=infer_arch(state), keys=keys, raw=obj)
 
@@ -117,7 +123,7 @@ def _float(v: Any) -> float | None:
         return None
 
 
-# --- readers ---------------------------------------------------------------------------------------
+# --- readers -----------------------------------------------------------------------------
 
 def read_lmpipe(path: Path, obj: dict) -> View:
     from lmpipe.ckpt.manifest import read_manifest
@@ -125,17 +131,21 @@ def read_lmpipe(path: Path, obj: dict) -> View:
     from lmpipe.ckpt.store import parse_filename
 
     hp = obj.get("hyperparameters") or {}
-    arch = {**(hp.get("model") or {}), "vocab_size": obj.get("vocab_size"), "block_size": obj.get("block_size")}
+    arch = {**(hp.get("model") or {}), "vocab_size": obj.get("vocab_size"),
+            "block_size": obj.get("block_size")}
     arch["type"] = obj.get("model_type") or arch.get("type")
     entry = read_manifest(path.parent).get(path.name, {})
     named = parse_filename(path) or {}
     metrics = obj.get("metrics") or {}
-    info = {"source": obj.get("source") or named.get("source"), "run_id": obj.get("run_id") or entry.get("run_id"),
+    info = {"source": obj.get("source") or named.get("source"),
+            "run_id": obj.get("run_id") or entry.get("run_id"),
             "val_loss": current_val_loss(metrics, _int(obj.get("step"))),
             "val_step": metrics.get("val_step"), "time": named.get("time")}
-    return View("lmpipe", path, [path], strip_prefixes(obj["model_state_dict"]), step=_int(obj.get("step")),
+    return View("lmpipe", path, [path], strip_prefixes(obj["model_state_dict"]),
+                step=_int(obj.get("step")),
                 arch=arch, hyperparameters=hp, tokenizer=_lmpipe_tokenizer(obj.get("tokenizer")),
-                optimizer=obj.get("optimizer_state_dict"), versions=obj.get("versions") or {}, keys=list(obj),
+                optimizer=obj.get("optimizer_state_dict"), versions=obj.get("versions") or {},
+                keys=list(obj),
                 format_version=obj.get("format_version"), info=info, raw=obj)
 
 
@@ -162,10 +172,13 @@ def read_nanogpt(path: Path, obj: dict, trust_pickle: bool = False) -> View:
     else:
         tok = {"kind": "gpt2", "vocab_size": 50257,
                "where": "assumed: without a meta.pkl nanoGPT encodes with GPT-2's BPE (tiktoken)"}
-    return View("nanogpt", path, [path], strip_prefixes(obj["model"]), step=_int(obj.get("iter_num")),
-                arch={"type": "gpt", **args}, hyperparameters={"model_args": args, "config": config},
+    return View("nanogpt", path, [path], strip_prefixes(obj["model"]),
+                step=_int(obj.get("iter_num")),
+                arch={"type": "gpt", **args},
+                hyperparameters={"model_args": args, "config": config},
                 tokenizer=tok, optimizer=obj.get("optimizer"), keys=list(obj),
-                info={"source": config.get("dataset"), "val_loss": _float(obj.get("best_val_loss"))}, raw=obj)
+                info={"source": config.get("dataset"),
+                      "val_loss": _float(obj.get("best_val_loss"))}, raw=obj)
 
 
 def nanogpt_meta_path(path: Path, config: dict) -> Path | None:
@@ -180,7 +193,8 @@ def nanogpt_meta_path(path: Path, config: dict) -> Path | None:
 
 
 def nanochat_steps(directory: Path) -> list[int]:
-    return sorted({int(m[2]) for p in directory.glob("model_*.pt") if (m := NANOCHAT_RE.match(p.name))})
+    return sorted({int(m[2]) for p in directory.glob("model_*.pt")
+                   if (m := NANOCHAT_RE.match(p.name))})
 
 
 def nanochat_base_dir(directory: Path) -> Path:
@@ -197,13 +211,18 @@ def read_nanochat(directory: Path, step: int, trust_pickle: bool = False) -> Vie
     cfg = dict(meta.get("model_config") or {})
     arch = {"type": "nanochat", "block_size": cfg.get("sequence_len"), **cfg}
     tok_dir = nanochat_base_dir(directory) / "tokenizer"
-    tok = ({"kind": "nanochat (tiktoken)", "vocab_size": cfg.get("vocab_size"), "where": str(tok_dir)}
+    tok = ({"kind": "nanochat (tiktoken)", "vocab_size": cfg.get("vocab_size"),
+            "where": str(tok_dir)}
            if (tok_dir / "tokenizer.pkl").exists() else None)
     files = [f for f in (model_file, meta_file) if f.exists()] + optim_files
-    return View("nanochat", model_file, files, torch_load(model_file, trust_pickle), step=step, arch=arch,
-                hyperparameters={k: v for k, v in meta.items() if k in ("model_config", "user_config")},
-                tokenizer=tok, optimizer=_per_rank([torch_load(f, trust_pickle) for f in optim_files]),
-                keys=sorted(meta), info={"source": directory.name, "val_bpb": _float(meta.get("val_bpb")),
+    return View("nanochat", model_file, files, torch_load(model_file, trust_pickle), step=step,
+                arch=arch,
+                hyperparameters={k: v for k,
+                                 v in meta.items() if k in ("model_config", "user_config")},
+                tokenizer=tok,
+                optimizer=_per_rank([torch_load(f, trust_pickle) for f in optim_files]),
+                keys=sorted(meta), info={"source": directory.name,
+                                         "val_bpb": _float(meta.get("val_bpb")),
                                          "missing_meta": not meta_file.exists()}, raw=meta)
 
 
@@ -224,13 +243,16 @@ def read_hf(directory: Path, trust_pickle: bool = False) -> View:
     progress = json.loads(trainer.read_text()) if trainer.exists() else {}
     m = re.search(r"checkpoint-(\d+)$", directory.name)
     step = _int(progress.get("global_step")) if progress else (int(m[1]) if m else None)
-    tok_files = [directory / f for f in ("tokenizer.json", "vocab.json", "merges.txt") if (directory / f).exists()]
+    tok_files = [directory / f for f in ("tokenizer.json", "vocab.json",
+                                         "merges.txt") if (directory / f).exists()]
     files += tok_files
     optim = directory / "optimizer.pt"
     if optim.exists():
         files.append(optim)
-    if config.get("format") == "lmpipe-safetensors":  # what `lmpipe ckpt export --format safetensors` writes
-        config = {**config, **config.get("architecture", {}), "model_type": config.get("model_type")}
+    # what `lmpipe ckpt export --format safetensors` writes
+    if config.get("format") == "lmpipe-safetensors":
+        config = {**config, **config.get("architecture", {}),
+                  "model_type": config.get("model_type")}
         step = config.get("step")
     get = lambda *names: next((config[n] for n in names if n in config), None)  # noqa: E731
     arch = {"type": config.get("model_type", "hf"), "vocab_size": get("vocab_size"),
@@ -238,27 +260,32 @@ def read_hf(directory: Path, trust_pickle: bool = False) -> View:
             "n_layer": get("n_layer", "num_hidden_layers"),
             "n_head": get("n_head", "num_attention_heads"), "n_embd": get("n_embd", "hidden_size")}
     return View("hf", directory, files, state, step=step, arch=arch, hyperparameters=config,
-                tokenizer={"kind": "hf", "vocab_size": arch["vocab_size"], "where": str(tok_files[0])} if tok_files else None,
+                tokenizer={"kind": "hf", "vocab_size": arch["vocab_size"],
+                           "where": str(tok_files[0])} if tok_files else None,
                 optimizer=torch_load(optim, trust_pickle) if optim.exists() else None,
                 versions={"transformers": config.get("transformers_version")}, keys=sorted(config),
-                info={"source": directory.name, "val_loss": _float(progress.get("best_metric"))}, raw=config)
+                info={"source": directory.name, "val_loss": _float(progress.get("best_metric"))},
+                raw=config)
 
 
 def hf_weight_files(directory: Path) -> list[str]:
     for name in HF_WEIGHTS:
         if (directory / name).exists():
             if name.endswith(".index.json"):
-                return sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
+                return sorted(set(json.loads((directory
+                                              / name).read_text())["weight_map"].values()))
             return [name]
     return []
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 class SafetensorsDict(Mapping):
-    """{name: tensor} over safetensors files: shapes from the headers, each tensor read on access."""
+    """{name: tensor} over safetensors files: shapes from the headers, each tensor read on
+    access."""
 
     def __init__(self, paths: list[Path]):
         from safetensors import safe_open
@@ -268,7 +295,8 @@ class SafetensorsDict(Mapping):
             try:
                 f = safe_open(str(path), framework="pt")
             except Exception as e:
-                raise UserError(f"{path}: not a readable safetensors file ({e}); re-export or re-download it") from None
+                raise UserError(f"{path}: not a readable safetensors file ({e}); re-export or "
+                                "re-download it") from None
             self._where.update({k: f for k in f.keys()})
 
     def __getitem__(self, key: str):
@@ -287,18 +315,23 @@ class SafetensorsDict(Mapping):
 
 def read_lightning(path: Path, obj: dict) -> View:
     given = obj.get("hyper_parameters") or {}  # a dict, AttributeDict or argparse.Namespace
-    hp = dict(given) if isinstance(given, dict) else dict(getattr(given, "__dict__", {"value": repr(given)}))
+    hp = dict(given) if isinstance(given,
+                                   dict) else dict(getattr(given, "__dict__",
+                                                           {"value": repr(given)}))
     state = obj["state_dict"]
-    arch = {**infer_arch(state), **{k: hp[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    arch = {**infer_arch(state), **{k: hp[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                       "vocab_size")
                                     if k in hp}}
-    return View("lightning", path, [path], state, step=_int(obj.get("global_step")), arch=arch, hyperparameters=hp,
+    return View("lightning", path, [path], state, step=_int(obj.get("global_step")), arch=arch,
+                hyperparameters=hp,
                 optimizer=obj.get("optimizer_states"), keys=list(obj),
                 versions={"lightning": obj.get("pytorch-lightning_version")},
                 info={"epoch": obj.get("epoch")}, raw=obj)
 
 
 def infer_arch(state: dict) -> dict[str, Any]:
-    """What a GPT-shaped state dict says about its architecture (n_head cannot be read off shapes)."""
+    """What a GPT-shaped state dict says about its architecture (n_head cannot be read off
+    shapes)."""
     arch: dict[str, Any] = {}
     names = {k.split("transformer.", 1)[-1] if "transformer." in k else k: k for k in state}
     shape = lambda k: tuple(shape_of(state, names[k])[0])  # noqa: E731

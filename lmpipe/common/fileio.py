@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (temp name in the same directory, fsync, os.replace) and hashes."""
+"""Small file helpers: atomic writes (temp name in the same directory, fsync, os.replace) and
+hashes."""
 from __future__ import annotations
 
 import hashlib
@@ -19,10 +20,11 @@ def atomic_path(path: str | Path, before_commit: Callable[[Path, str | None], No
     """Yield a temporary sibling of `path` to write by name; rename it over `path` only if the
     block succeeds.
 
-    A crash at any point leaves either the old file or the new one under `path`, never a partial one.
-    `before_commit(tmp, digest)` runs after the data is fsynced and before the rename (e.g. to record
-    it in a manifest); if it raises, nothing is renamed. With sha256=True, digest is the sha256 of
-    the file as read back from the page cache while fsync writes it to disk (both run at once).
+    A crash at any point leaves either the old file or the new one under `path`, never a partial
+    one. `before_commit(tmp, digest)` runs after the data is fsynced and before the rename (e.g. to
+    record it in a manifest); if it raises, nothing is renamed. With sha256=True, digest is the
+    sha256 of the file as read back from the page cache while fsync writes it to disk (both run at
+    once).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,8 @@ class _TailHasher(threading.Thread):
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """atomic_path for writers that take a file object."""
-    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+    with atomic_path(path) as tmp, open(tmp, mode,
+                                        **({} if "b" in mode else {"encoding": "utf-8"})) as f:
         yield f
 
 
