@@ -142,10 +142,9 @@ def _nanochat_tokenizer(v: View, tokenizer_file: str | None):
 def _refuse_unknown_tensors(path: Path, state: dict, arch: dict) -> None:
     """Later nanochat versions add tensors (value embeddings, per-layer scalars) that this
     architecture lacks: refuse them instead of silently dropping weights."""
-    from models import build_model
+    from lmpipe.ckpt.rebuild import shape_mismatches
 
-    expected = set(build_model(arch).state_dict())
-    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    _, missing, extra = shape_mismatches(state, arch)
     if extra or missing:
         what = (f"tensors it does not have: {', '.join(extra[:4])}" if extra
                 else f"no {', '.join(missing[:4])}")

@@ -73,6 +73,17 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]):
     return tokenizer.from_json(ckpt["tokenizer"])
 
 
+def check_optimizer_fits(optimizer_state: dict, arch: dict[str, Any], path: str | Path) -> None:
+    """check_optimizer_state against an AdamW over a model built from `arch`: only the parameter
+    order and shapes matter, so no weights are loaded."""
+    import torch
+
+    from models import build_model, param_groups
+
+    optimizer = torch.optim.AdamW(param_groups(build_model(arch), 0.0))
+    check_optimizer_state({"optimizer_state_dict": optimizer_state}, optimizer, path)
+
+
 def shape_mismatches(state: Any, arch: dict[str, Any]) -> tuple[list[tuple[str, tuple, tuple]],
                                                                 list[str], list[str]]:
     """Compare a state dict with a model built from `arch`: (reshaped, missing, unexpected).

@@ -203,15 +203,10 @@ def _optimizer(v: View, exact: bool = True) -> list[Problem]:
 
 
 def _exact_optimizer_check(v: View, arch: dict) -> list[Problem]:
-    import torch
+    from lmpipe.ckpt.rebuild import check_optimizer_fits
 
-    from lmpipe.ckpt.rebuild import check_optimizer_state
-    from models import build_model, param_groups
-
-    model = build_model(arch)  # only its parameter order and shapes matter here
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0))
     try:
-        check_optimizer_state({"optimizer_state_dict": v.optimizer}, optimizer, v.path)
+        check_optimizer_fits(v.optimizer, arch, v.path)
     except UserError as e:
         return [Problem("optimizer", str(e).removeprefix(f"{v.path}: "))]
     return []
