@@ -14,12 +14,18 @@ from tasks.train import train_model
 
 
 @flow(name="lmpipe-pipeline")
-def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
-    """Run every stage with params.yaml (+ environment, + `-S` overrides)."""
-    config = load_config(params_file, overrides or []).to_dict()
+def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml",
+             config: dict | None = None) -> dict:
+    """Run every stage with params.yaml (+ environment, + `-S` overrides), resolved once, here; or
+    with `config`, the configuration already resolved from them (Config.to_dict(), as `run` passes
+    it), and then params_file and overrides only record where it came from."""
+    if config is None:
+        config = load_config(params_file, overrides or []).to_dict()
     prepared = prepare_data_cached(config)
-    tokenizer = build_tokenizer_cached(config, prepared)
-    trained = train_model(config, tokenizer)
+    # build_tokenizer reads the prepared splits from disk, and train_model the tokenizer: they
+    # wait for them (Prefect's wait_for) instead of taking them as arguments they do not use.
+    tokenizer = build_tokenizer_cached(config, wait_for=[prepared])
+    trained = train_model(config, wait_for=[tokenizer])
     metrics = evaluate_model(config, trained)
     sample = generate_text(config, trained)
     registered = register_model(config, trained)
@@ -28,8 +34,9 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
 
 
 def run(cfg: Config, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
-    """Run the flow under the run name '<model>-<source>' (e.g. gpt-dear_agnes)."""
+    """Run the flow on cfg under the run name '<model>-<source>' (e.g. gpt-dear_agnes)."""
     from lmpipe.data import resolve_source
 
     name = f"{cfg.model.type}-{resolve_source(cfg.data.source).name}"
-    return pipeline.with_options(flow_run_name=name)(overrides=overrides, params_file=params_file)
+    return pipeline.with_options(flow_run_name=name)(overrides=overrides, params_file=params_file,
+                                                     config=cfg.to_dict())

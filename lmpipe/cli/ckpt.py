@@ -17,55 +17,61 @@ def add_parser(sub, add_config_args) -> None:
                                     "(model_/meta_/optim_XXXXXX), Hugging Face model directories and Lightning "
                                     ".ckpt files. Files are loaded with weights_only=True and memory-mapped.")
     cs = ck.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    config, as_json, trust = _shared_flags(add_config_args)
 
-    def action(name: str, help: str, **kw) -> argparse.ArgumentParser:
-        p = cs.add_parser(name, help=help, **kw)
-        add_config_args(p)
-        return p
+    def action(name: str, help: str, *shared, **kw) -> argparse.ArgumentParser:
+        """A subcommand with the configuration flags and the shared flags given."""
+        return cs.add_parser(name, help=help, parents=[config, *shared], **kw)
 
-    p = action("list", "a table of checkpoints, newest last (reads names and the manifest, no tensors)")
+    p = action("list", "a table of checkpoints, newest last (reads names and the manifest, "
+                       "no tensors)", as_json)
     p.add_argument("dir", nargs="?", default=None, help="directory (default: checkpoint.dir); subdirectories too")
     p.add_argument("--model")
     p.add_argument("--source", help="substring of the data source name")
     p.add_argument("--step", type=int)
-    p.add_argument("--json", action="store_true")
 
-    p = action("inspect", "keys, hyperparameters, tensors, optimizer, tokenizer, versions")
+    p = action("inspect", "keys, hyperparameters, tensors, optimizer, tokenizer, versions",
+               as_json, trust)
     p.add_argument("path", help="a checkpoint file or directory, a glob, or 'latest'")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
-    p = action("verify", "integrity, weights_only loading, NaN/Inf, optimizer consistency; exit 0 only if all pass")
+    p = action("verify", "integrity, weights_only loading, NaN/Inf, optimizer consistency; "
+                         "exit 0 only if all pass", as_json, trust)
     p.add_argument("path", help="a checkpoint, or a directory: every checkpoint in it")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
-    p = action("diff", "hyperparameter differences, tensors added/removed/reshaped, weight-change norms")
+    p = action("diff", "hyperparameter differences, tensors added/removed/reshaped, "
+                       "weight-change norms", as_json, trust)
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--top", type=int, default=15, help="tensors to show, largest relative change first")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
     p = action("doctor", "diagnose checkpoint trouble and print the command that fixes it",
+               as_json, trust,
                epilog="exit status: 0 healthy, 3 fixable (a fix is printed), 4 broken, 2 bad usage")
     p.add_argument("path", help="a checkpoint, a glob, or a directory")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
-    p = action("import", "convert a nanoGPT ckpt.pt or a nanochat model_XXXXXX.pt into an lmpipe checkpoint that "
-                           "'lmpipe generate' runs and 'lmpipe resume --no-optimizer' trains")
+    p = action("import", "convert a nanoGPT ckpt.pt or a nanochat model_XXXXXX.pt into an lmpipe "
+                         "checkpoint that 'lmpipe generate' runs and "
+                         "'lmpipe resume --no-optimizer' trains", trust)
     p.add_argument("path")
     p.add_argument("--out", help="output directory (default: checkpoint.dir)")
     p.add_argument("--meta", help="nanoGPT's meta.pkl (default: beside the checkpoint, or data/<dataset>/)")
     p.add_argument("--tokenizer", help="an lmpipe tokenizer.json to use instead")
     p.add_argument("--gpt2-tokenizer", help="local GPT-2 tokenizer directory (default: tokenizer.gpt2_path)")
-    p.add_argument("--trust-pickle", action="store_true", help=TRUST)
 
     p = action("export", "write weights as safetensors (+ config and tokenizer JSON), or a Hugging Face directory")
     p.add_argument("path")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors")
     p.add_argument("--out", help="output directory (default: beside the checkpoint)")
+
+
+def _shared_flags(add_config_args) -> tuple[argparse.ArgumentParser, ...]:
+    """The flags several actions take, each declared once, as argparse parent parsers: the
+    configuration (-S, --params; every action), --json and --trust-pickle."""
+    config, as_json, trust = (argparse.ArgumentParser(add_help=False) for _ in range(3))
+    add_config_args(config)
+    as_json.add_argument("--json", action="store_true")
+    trust.add_argument("--trust-pickle", action="store_true", help=TRUST)
+    return config, as_json, trust
 
 
 def run(args, cfg_loader) -> int:

@@ -6,7 +6,6 @@ OFFLINE_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",  # opt in to hub downloads with HF_HUB_OFFLINE=0
-    "TRANSFORMERS_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",  # a fresh database takes ~17 s
     "TOKENIZERS_PARALLELISM": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -17,3 +16,6 @@ def apply_offline_defaults() -> None:
     """Set each default unless the user already chose a value."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # transformers follows the hub's setting, read now (not at import): HF_HUB_OFFLINE=0 opts in
+    # to both
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
