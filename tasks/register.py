@@ -4,7 +4,8 @@ from lmpipe import stages
 from lmpipe.config import config_from_dict
 
 
-@task(name="register_model")  # no retries: a retry after a half-done registration would add a version
+# no retries: a retry after a half-done registration would add a version
+@task(name="register_model")
 def register_model(config: dict, trained: dict) -> dict:
     """Register the final checkpoint as a pyfunc model version in the MLflow registry."""
     return stages.register(config_from_dict(config), trained)

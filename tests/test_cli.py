@@ -22,8 +22,10 @@ def assert_user_error(r, *needles):
 
 def test_help_imports_no_heavy_library():
     code = ("import sys; from lmpipe.cli.main import build_parser; build_parser().format_help(); "
-            "print(sorted(m for m in ('torch','mlflow','prefect','transformers','pandas') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            "print(sorted(m for m in ('torch','mlflow','prefect','transformers','pandas') if m in "
+            "sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
     assert out.strip() == "[]"
     r = subprocess.run([str(BIN / "lmpipe"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "run" in r.stdout and "generate" in r.stdout
@@ -31,14 +33,17 @@ def test_help_imports_no_heavy_library():
 
 def test_invalid_config_lists_every_problem_before_any_work(project):
     r = lmpipe("run", "-S", "train.steps=-5", "-S", "model.type=gpt3", cwd=project)
-    assert_user_error(r, "train.steps must be a positive integer, got -5", "model.type must be one of")
+    assert_user_error(r, "train.steps must be a positive integer, got -5",
+                      "model.type must be one of")
     assert len(r.stderr.strip().splitlines()) == 2
     assert not (project / "data" / "prepared").exists()
 
 
 def test_invalid_environment_variable_is_named(project):
     r = lmpipe("config", cwd=project, TRAINING_STEPS="lots")
-    assert_user_error(r, "train.steps must be an integer, got 'lots' (from environment variable TRAINING_STEPS)")
+    assert_user_error(r,
+                      "train.steps must be an integer, got 'lots' (from environment variable "
+                      "TRAINING_STEPS)")
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -64,7 +69,8 @@ def test_stages_then_generate_from_latest(project):
     r = lmpipe("generate", "--prompt", "Dear", "--max-new-tokens", "15", "--seed", "3", cwd=project)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Dear") and len(r.stdout.rstrip("\n")) >= 4 + 1
-    again = lmpipe("generate", "--prompt", "Dear", "--max-new-tokens", "15", "--seed", "3", cwd=project)
+    again = lmpipe("generate", "--prompt", "Dear", "--max-new-tokens", "15", "--seed", "3",
+                   cwd=project)
     assert again.stdout == r.stdout  # seeded
     r = lmpipe("generate", "--prompt", "Dear Agnes, \u00a7", cwd=project)
     assert_user_error(r, "unknown to the char tokenizer: '\u00a7'")
@@ -73,4 +79,5 @@ def test_stages_then_generate_from_latest(project):
     import torch
 
     if not torch.cuda.is_available():
-        assert_user_error(lmpipe("generate", "--device", "cuda", cwd=project), "DEVICE=cuda", "DEVICE=cpu")
+        assert_user_error(lmpipe("generate", "--device", "cuda", cwd=project), "DEVICE=cuda",
+                          "DEVICE=cpu")

@@ -30,7 +30,8 @@ def test_flow_end_to_end(project, prefect_harness):
     names = sorted(p.name for p in (project / "checkpoints").glob("*.pt"))
     assert [NAME_RE.match(n).group(1) for n in names] == ["0010", "0020"]
     ckpt = torch.load(t["checkpoint"], weights_only=True)
-    assert {"model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size", "block_size",
+    assert {"model_state_dict", "optimizer_state_dict", "hyperparameters", "vocab_size",
+            "block_size",
             "batch_size", "step", "tokenizer", "format_version"} <= set(ckpt)
     assert ckpt["step"] == 20 and ckpt["hyperparameters"]["train"]["steps"] == 20
 
@@ -43,8 +44,10 @@ def test_flow_end_to_end(project, prefect_harness):
         assert [m.step for m in client.get_metric_history(t["run_id"], key)] == [5, 10, 15, 20]
     assert [m.step for m in client.get_metric_history(t["run_id"], "val_loss")] == [10, 20]
     assert {"eval_val_loss", "eval_perplexity", "eval_bits_per_byte"} <= set(run_.data.metrics)
-    arts = {a.path for d in ("training", "tokenizer", "data", "samples") for a in client.list_artifacts(t["run_id"], d)}
-    assert {"training/loss.png", "training/train_log.csv", "tokenizer/tokenizer.json", "data/stats.csv"} <= arts
+    arts = {a.path for d in ("training", "tokenizer", "data",
+                             "samples") for a in client.list_artifacts(t["run_id"], d)}
+    assert {"training/loss.png", "training/train_log.csv", "tokenizer/tokenizer.json",
+            "data/stats.csv"} <= arts
     assert any(a.startswith("samples/") for a in arts)
     tags = run_.data.tags
     assert tags["dvc.data.train.md5"] == file_md5(project / "data/prepared/train.txt")
@@ -56,7 +59,8 @@ def test_flow_end_to_end(project, prefect_harness):
                                          filter_string="name LIKE 'checkpoint-step%'")
     assert sorted(m.name for m in models) == ["checkpoint-step10", "checkpoint-step20"]
     assert all(m.params["train.steps"] == "20" for m in models)
-    assert {m.name: [x.step for x in m.metrics if x.key == "val_loss"] for m in models}["checkpoint-step20"] == [20]
+    assert {m.name: [x.step for x in m.metrics if x.key == "val_loss"] for m
+            in models}["checkpoint-step20"] == [20]
 
     # The registered version loads back through pyfunc and generates text with predict params.
     reg = result["registered"]
@@ -64,7 +68,8 @@ def test_flow_end_to_end(project, prefect_harness):
     model = mlflow.pyfunc.load_model(reg["uri"])
     out = model.predict(pd.DataFrame({"prompt": ["Dear Agnes,", "I have"]}),
                         params={"max_new_tokens": 12, "temperature": 0.5})
-    assert len(out) == 2 and out[0].startswith("Dear Agnes,") and len(out[0]) == len("Dear Agnes,") + 12
+    assert len(out) == 2 and out[0].startswith("Dear Agnes,")
+    assert len(out[0]) == len("Dear Agnes,") + 12
 
     metrics = json.loads((project / "outputs/metrics.json").read_text())
     assert metrics["val_loss"] > 0 and metrics["bits_per_byte"] > 0
@@ -104,7 +109,8 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
         return r.stdout
 
     sh("git", "init", "-q")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m",
+       "init")
     sh(str(BIN / "dvc"), "init", "-q")
     sh(str(BIN / "dvc"), "config", "core.analytics", "false")
     out = sh(str(BIN / "dvc"), "repro")
@@ -133,7 +139,8 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     second = json.loads((repo / "outputs/train.json").read_text())
     assert second["run_id"] != info["run_id"]
     client = mlflow.MlflowClient()
-    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")] == [5, 10, 15, 20]
+    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")] == [5, 10,
+                                                                                           15, 20]
     assert [Path(p).name.split("_step")[1][:4] for p in second["checkpoints"]] == ["0010", "0020"]
 
     # Resuming is explicit and tracked: train.resume=latest with more steps continues that run.
@@ -142,5 +149,6 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     out = sh(str(BIN / "dvc"), "repro")
     third = json.loads((repo / "outputs/train.json").read_text())
     assert third["run_id"] == second["run_id"] and third["step"] == 30
-    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")][-2:] == [25, 30]
+    assert [m.step for m in client.get_metric_history(second["run_id"], "train_loss")][-2:] == [25,
+                                                                                                30]
     assert "Data and pipelines are up to date" in sh(str(BIN / "dvc"), "repro")

@@ -1,6 +1,6 @@
-"""`lmpipe ckpt`: list, inspect, verify, diff, doctor, import and export checkpoints, lmpipe's own and
-nanoGPT, nanochat, Hugging Face and Lightning ones. Printing only; the work is in inspection.py,
-integrity.py, doctor.py and convert.py."""
+"""`lmpipe ckpt`: list, inspect, verify, diff, doctor, import and export checkpoints, lmpipe's own
+and nanoGPT, nanochat, Hugging Face and Lightning ones. Printing only; the work is in lmpipe/ckpt/
+(inspection.py, verify.py, doctor.py and convert.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,17 @@ import json
 import sys
 from pathlib import Path
 
-TRUST = "load files that need arbitrary unpickling (can run code stored in the file: trusted files only)"
+TRUST = ("load files that need arbitrary unpickling (can run code stored in the file: "
+         "trusted files only)")
 
 
 def add_parser(sub, add_config_args) -> None:
-    ck = sub.add_parser("ckpt", help="list, inspect, verify, diff, doctor, import and export checkpoints",
-                        description="Works on lmpipe checkpoints and on nanoGPT ckpt.pt, nanochat directories "
-                                    "(model_/meta_/optim_XXXXXX), Hugging Face model directories and Lightning "
-                                    ".ckpt files. Files are loaded with weights_only=True and memory-mapped.")
+    ck = sub.add_parser("ckpt",
+                        help="list, inspect, verify, diff, doctor, import and export checkpoints",
+                        description="Works on lmpipe checkpoints and on nanoGPT ckpt.pt, nanochat "
+                                    "directories (model_/meta_/optim_XXXXXX), Hugging Face model "
+                                    "directories and Lightning .ckpt files. Files are loaded with "
+                                    "weights_only=True and memory-mapped.")
     cs = ck.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
     config, as_json, trust = _shared_flags(add_config_args)
 
@@ -23,9 +26,10 @@ def add_parser(sub, add_config_args) -> None:
         """A subcommand with the configuration flags and the shared flags given."""
         return cs.add_parser(name, help=help, parents=[config, *shared], **kw)
 
-    p = action("list", "a table of checkpoints, newest last (reads names and the manifest, "
-                       "no tensors)", as_json)
-    p.add_argument("dir", nargs="?", default=None, help="directory (default: checkpoint.dir); subdirectories too")
+    p = action("list", "a table of checkpoints, newest last (reads names and the manifest, no "
+                       "tensors)", as_json)
+    p.add_argument("dir", nargs="?", default=None,
+                   help="directory (default: checkpoint.dir); subdirectories too")
     p.add_argument("--model")
     p.add_argument("--source", help="substring of the data source name")
     p.add_argument("--step", type=int)
@@ -34,15 +38,16 @@ def add_parser(sub, add_config_args) -> None:
                as_json, trust)
     p.add_argument("path", help="a checkpoint file or directory, a glob, or 'latest'")
 
-    p = action("verify", "integrity, weights_only loading, NaN/Inf, optimizer consistency; "
-                         "exit 0 only if all pass", as_json, trust)
+    p = action("verify", "integrity, weights_only loading, NaN/Inf, optimizer consistency; exit 0 "
+                         "only if all pass", as_json, trust)
     p.add_argument("path", help="a checkpoint, or a directory: every checkpoint in it")
 
-    p = action("diff", "hyperparameter differences, tensors added/removed/reshaped, "
-                       "weight-change norms", as_json, trust)
+    p = action("diff", "hyperparameter differences, tensors added/removed/reshaped, weight-change "
+                       "norms", as_json, trust)
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--top", type=int, default=15, help="tensors to show, largest relative change first")
+    p.add_argument("--top", type=int, default=15,
+                   help="tensors to show, largest relative change first")
 
     p = action("doctor", "diagnose checkpoint trouble and print the command that fixes it",
                as_json, trust,
@@ -54,11 +59,15 @@ def add_parser(sub, add_config_args) -> None:
                          "'lmpipe resume --no-optimizer' trains", trust)
     p.add_argument("path")
     p.add_argument("--out", help="output directory (default: checkpoint.dir)")
-    p.add_argument("--meta", help="nanoGPT's meta.pkl (default: beside the checkpoint, or data/<dataset>/)")
+    p.add_argument("--meta",
+                   help="nanoGPT's meta.pkl (default: beside the checkpoint, or data/<dataset>/)")
     p.add_argument("--tokenizer", help="an lmpipe tokenizer.json to use instead")
-    p.add_argument("--gpt2-tokenizer", help="local GPT-2 tokenizer directory (default: tokenizer.gpt2_path)")
+    p.add_argument("--gpt2-tokenizer",
+                   help="local GPT-2 tokenizer directory (default: tokenizer.gpt2_path)")
 
-    p = action("export", "write weights as safetensors (+ config and tokenizer JSON), or a Hugging Face directory")
+    p = action("export",
+               "write weights as safetensors (+ config and tokenizer JSON), or a Hugging Face "
+               "directory")
     p.add_argument("path")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors")
     p.add_argument("--out", help="output directory (default: beside the checkpoint)")
@@ -96,7 +105,9 @@ def _size(n: int) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()  # noqa: E731
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
+
     return "\n".join([fmt(header)] + [fmt(r) for r in rows])
 
 
@@ -121,15 +132,19 @@ def cmd_list(args, cfg) -> int:
               else f"no checkpoints in {directory}/", file=sys.stderr)
         return 0
     mixed = any(r.format != "lmpipe" for r in rows)
-    header = (["FORMAT"] if mixed else []) + ["MODEL", "SOURCE", "STEP", "TIME", "SIZE", "VAL LOSS", "VERIFIED",
+    header = (["FORMAT"] if mixed else []) + ["MODEL", "SOURCE", "STEP", "TIME", "SIZE", "VAL LOSS",
+                                              "VERIFIED",
                                               "RUN ID", "FILE"]
     body = [([r.format] if mixed else []) + [
-        r.model, r.source, "" if r.step is None else str(r.step), f"{r.time:%Y-%m-%d %H:%M:%S}" if r.time else "",
+        r.model, r.source, "" if r.step is None else str(r.step),
+        f"{r.time:%Y-%m-%d %H:%M:%S}" if r.time else "",
         _size(r.size), val_loss_text(r.val_loss, r.val_step, r.step), r.verified, r.run_id[:12],
-        str(Path(r.path).relative_to(directory)) if Path(r.path).is_relative_to(directory) else r.path] for r in rows]
+        str(Path(r.path).relative_to(directory)) if Path(r.path).is_relative_to(directory)
+        else r.path] for r in rows]
     print(_table(header, body))
     print(f"{len(rows)} checkpoint(s); VERIFIED ok = size matches the manifest; "
-          "'lmpipe ckpt verify' checks sha256, loading, NaN/Inf and optimizer state", file=sys.stderr)
+          "'lmpipe ckpt verify' checks sha256, loading, NaN/Inf and optimizer state",
+          file=sys.stderr)
     return 0
 
 
@@ -141,23 +156,32 @@ def cmd_inspect(args, cfg) -> int:
     if args.json:
         print(json.dumps(d, indent=1, default=str))
         return 0
-    out = [f"{d['path']}  ({d['format']}" + (f", format version {d['format_version']}" if d["format_version"] else "") + ")"]
+    out = [f"{d['path']}  ({d['format']}"
+           + (f", format version {d['format_version']}" if d["format_version"] else "") + ")"]
     out += [f"  file {f['path']}  {_size(f['size'])}" for f in d["files"]]
     out += ["", "=== Keys ===", "  " + ", ".join(map(str, d["keys"]))]
     out += ["", "=== Training state ===", f"  step: {d['step']}"]
     out += _info_lines(d["info"], d["step"])
     out += ["", "=== Architecture ==="] + [f"  {k}: {v}" for k, v in d["architecture"].items()]
-    out += ["", "=== Hyperparameters ==="] + [f"  {k}: {v}" for k, v in flatten(d["hyperparameters"]).items()]
-    out += ["", "=== Model ==="] + [f"  {t['name']}: {tuple(t['shape'])} {t['dtype']} ({t['params']:,} params)"
+    out += ["", "=== Hyperparameters ==="] + [f"  {k}: {v}" for k,
+                                              v in flatten(d["hyperparameters"]).items()]
+    out += ["", "=== Model ==="] + [f"  {t['name']}: {tuple(t['shape'])} {t['dtype']} "
+                                    f"({t['params']:,} params)"
                                     for t in d["tensors"]]
     tied = d["total_params"] - d["unique_params"]
-    out.append(f"\nTotal parameters: {d['total_params']:,}" + (f" ({d['unique_params']:,} unique; {tied:,} in tied "
-                                                                 "weights counted once)" if tied else ""))
-    out += ["", "=== Optimizer ==="] + ([f"  {json.dumps(o)}" for o in d["optimizer"]] if d["optimizer"]
+    out.append(f"\nTotal parameters: {d['total_params']:,}" + (f" ({d['unique_params']:,} unique; "
+                                                               f"{tied:,} in tied "
+                                                                 "weights counted once)" if tied
+                                                               else ""))
+    out += ["", "=== Optimizer ==="] + ([f"  {json.dumps(o)}" for o in d["optimizer"]]
+                                        if d["optimizer"]
                                         else ["  none (inference only)"])
     t = d["tokenizer"]
-    out += ["", "=== Tokenizer ===", f"  {t['kind']}, vocab size {t['vocab_size']} ({t['where']})" if t else "  none found"]
-    out += ["", "=== Versions ==="] + ([f"  {k}: {v}" for k, v in d["versions"].items()] or ["  not recorded"])
+    out += ["", "=== Tokenizer ===",
+            f"  {t['kind']}, vocab size {t['vocab_size']} ({t['where']})" if t else "  none found"]
+    out += ["",
+            "=== Versions ==="] + ([f"  {k}: {v}" for k,
+                                    v in d["versions"].items()] or ["  not recorded"])
     print("\n".join(out))
     return 0
 
@@ -188,12 +212,14 @@ def cmd_verify(args, cfg) -> int:
         raise UserError(f"{args.path}: no checkpoints found; nothing to verify")
     reports = [check(t, args.trust_pickle) for t in targets]
     if args.json:
-        print(json.dumps([{"path": str(r.path), "ok": r.ok, "problems": [vars(p) for p in r.problems],
+        print(json.dumps([{"path": str(r.path), "ok": r.ok,
+                           "problems": [vars(p) for p in r.problems],
                            "notes": r.notes} for r in reports], indent=1))
     else:
         for r in reports:
             what = f" ({r.view.format}, step {r.view.step})" if r.view else ""
-            print(f"ok    {r.path}{what}" if r.ok else "\n".join(f"FAIL  {r.path}: {p.kind}: {p.text}" for p in r.problems))
+            print(f"ok    {r.path}{what}" if r.ok
+                  else "\n".join(f"FAIL  {r.path}: {p.kind}: {p.text}" for p in r.problems))
             for n in r.notes:
                 print(f"note  {r.path}: {n}")
         bad = sum(not r.ok for r in reports)
@@ -205,12 +231,14 @@ def cmd_diff(args, cfg) -> int:
     from lmpipe.ckpt.inspection import diff
     from lmpipe.ckpt.views import open_view
 
-    d = diff(open_view(_resolve(args.a, cfg), args.trust_pickle), open_view(_resolve(args.b, cfg), args.trust_pickle))
+    d = diff(open_view(_resolve(args.a, cfg), args.trust_pickle),
+             open_view(_resolve(args.b, cfg), args.trust_pickle))
     if args.json:
         print(json.dumps(d, indent=1, default=str))
         return 0
     out = [f"A: {d['a']}", f"B: {d['b']}", "", "=== Hyperparameters ==="]
-    out += [f"  {h['key']}: {h['a']!r} -> {h['b']!r}" for h in d["hyperparameters"]] or ["  identical"]
+    out += [f"  {h['key']}: {h['a']!r} -> {h['b']!r}" for h
+            in d["hyperparameters"]] or ["  identical"]
     out += ["", "=== Tensors ==="]
     out += [f"  added:    {n}" for n in d["added"]] + [f"  removed:  {n}" for n in d["removed"]]
     out += [f"  reshaped: {r['name']}: {tuple(r['a'])} -> {tuple(r['b'])}" for r in d["reshaped"]]
@@ -231,11 +259,13 @@ def cmd_doctor(args, cfg) -> int:
 
     from lmpipe.ckpt.doctor import EXIT, diagnose
 
-    forced = any(o.strip().startswith("model.") for o in args.overrides) or bool(os.environ.get("MODEL_TYPE"))
+    forced = any(o.strip().startswith("model.") for o
+                 in args.overrides) or bool(os.environ.get("MODEL_TYPE"))
     results = diagnose(args.path, asdict(cfg.model), forced, args.trust_pickle)
     worst = max((r.status for r in results), key=list(EXIT).index)
     if args.json:
-        print(json.dumps({"status": worst, "checkpoints": [r.to_json() for r in results]}, indent=1, default=str))
+        print(json.dumps({"status": worst, "checkpoints": [r.to_json() for r in results]}, indent=1,
+                         default=str))
         return EXIT[worst]
     for r in results:
         if not r.findings:
@@ -254,7 +284,8 @@ def cmd_doctor(args, cfg) -> int:
 def cmd_import(args, cfg) -> int:
     from lmpipe.ckpt.convert import import_checkpoint
 
-    out = import_checkpoint(_resolve(args.path, cfg), args.out or cfg.checkpoint.dir, args.meta, args.tokenizer,
+    out = import_checkpoint(_resolve(args.path, cfg), args.out or cfg.checkpoint.dir, args.meta,
+                            args.tokenizer,
                             args.gpt2_tokenizer or cfg.tokenizer.gpt2_path, args.trust_pickle)
     print(f"imported {args.path} -> {out}\ngenerate with: lmpipe generate --checkpoint {out}")
     return 0
@@ -268,5 +299,6 @@ def cmd_export(args, cfg) -> int:
     return 0
 
 
-ACTIONS = {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify, "diff": cmd_diff, "doctor": cmd_doctor,
+ACTIONS = {"list": cmd_list, "inspect": cmd_inspect, "verify": cmd_verify, "diff": cmd_diff,
+           "doctor": cmd_doctor,
            "import": cmd_import, "export": cmd_export}
