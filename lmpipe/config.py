@@ -93,6 +93,12 @@ class GenerateConfig:
     device: str = "auto"
     num_samples: int = 1
 
+    def sampling(self) -> dict[str, Any]:
+        """The settings a served model's predict takes as params (the prompt is its input): the
+        registered signature's defaults, and the fallback of TextGenerator.predict."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                "top_k": self.top_k, "seed": self.seed}
+
 
 @dataclass(frozen=True)
 class TrackingConfig:

@@ -25,9 +25,11 @@ def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
     return idx
 
 
-def generate_text(model: torch.nn.Module, tok, prompt: str = "", max_new_tokens: int = 300,
-                  temperature: float = 0.8, top_k: int = 0, seed: int = 1337, device: str = "cpu") -> str:
-    """Prompt → prompt + continuation. An empty prompt starts from a newline (or token 0)."""
+def generate_text(model: torch.nn.Module, tok, prompt: str, max_new_tokens: int, temperature: float,
+                  top_k: int, seed: int, device: str) -> str:
+    """Prompt → prompt + continuation. An empty prompt starts from a newline (or token 0).
+    No defaults here: the callers pass the generate section of the config (GenerateConfig), with
+    their own overrides (command-line flags, a served model's predict params)."""
     if temperature <= 0:
         raise UserError(f"temperature must be a positive number, got {temperature}")
     if max_new_tokens <= 0:

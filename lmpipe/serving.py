@@ -23,8 +23,16 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from lmpipe.generate import generate_text
 
-        p = {"max_new_tokens": 200, "temperature": 0.8, "top_k": 0, "seed": 1337, **(params or {})}
+        p = self.settings(params)
         prompts = model_input["prompt"] if hasattr(model_input, "columns") else model_input
         return [generate_text(self.model, self.tok, str(prompt), int(p["max_new_tokens"]),
                               float(p["temperature"]), int(p["top_k"]), int(p["seed"]), self.device)
                 for prompt in list(prompts)]
+
+    @staticmethod
+    def settings(params: dict | None) -> dict:
+        """predict's params over the generate section's defaults. Loaded through MLflow, the
+        signature (tracking.model_signature) has already filled in the registering run's values."""
+        from lmpipe.config import GenerateConfig
+
+        return {**GenerateConfig().sampling(), **(params or {})}

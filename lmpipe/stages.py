@@ -161,10 +161,7 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
                          cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
     _write_json(METRICS, {**metrics, "step": ckpt["step"]})
     tracking.setup(cfg.tracking.experiment)
-    import mlflow
-
-    mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step=ckpt["step"],
-                       run_id=info["run_id"], model_id=info.get("final_model_id"))
+    tracking.log_eval_metrics(info["run_id"], ckpt["step"], metrics, info.get("final_model_id"))
     return metrics
 
 
@@ -186,9 +183,7 @@ def generate(cfg: Config, train_info: dict | None = None) -> dict:
     text = "\n\n-----\n\n".join(samples) + "\n"
     atomic_write_text(SAMPLES, text)
     tracking.setup(cfg.tracking.experiment)
-    import mlflow
-
-    mlflow.log_text(text, f"samples/step{ckpt['step']}.txt", run_id=info["run_id"])
+    tracking.log_samples(info["run_id"], ckpt["step"], text)
     return {"samples": str(SAMPLES), "text": samples[0]}
 
 
@@ -209,6 +204,7 @@ def register(cfg: Config, train_info: dict | None = None) -> dict:
     else:
         tracking.setup(cfg.tracking.experiment)
         result = tracking.register_model(info["run_id"], Path(info["checkpoint"]),
-                                         registered_name(cfg, info["source"]), info["step"], cfg.flat())
+                                         registered_name(cfg, info["source"]), info["step"],
+                                         cfg.flat(), cfg.generate)
     _write_json(REGISTERED, result)
     return result

@@ -9,8 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmpipe.config import Config, GenerateConfig
 
 MLRUNS = Path("mlruns")
 
@@ -51,6 +55,56 @@ def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = 
     return mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
 
 
+def record_resume(step: int, checkpoint: Path, schedule: dict, data: str) -> None:
+    """A resume of the active run, as tags at its step: a continued run's params are immutable."""
+    import mlflow
+
+    at = f"lmpipe.resume.step{step}"
+    mlflow.set_tags({at: str(checkpoint), f"{at}.schedule": str(schedule), f"{at}.data": data})
+
+
+def log_run_params(run, params: dict[str, Any]) -> None:
+    """The params of a new run (also one resuming an imported or foreign checkpoint); a continued
+    run keeps those it has."""
+    import mlflow
+
+    if not run.data.params:
+        mlflow.log_params(params)
+
+
+def tag_run(inputs: dict[str, str | Path], tags: dict[str, str]) -> None:
+    """The active run's lineage tags for these input files (lineage_tags), and `tags`."""
+    import mlflow
+
+    mlflow.set_tags({**lineage_tags(inputs), **tags})
+
+
+def log_training_artifacts(files: list[tuple[str | Path, str]]) -> None:
+    """(file, artifact folder) pairs into the active run; a file that is not there is left out."""
+    import mlflow
+
+    for path, where in files:
+        if Path(path).exists():
+            mlflow.log_artifact(str(path), where)
+
+
+def log_eval_metrics(run_id: str, step: int, metrics: dict[str, float],
+                     model_id: str | None) -> None:
+    """The evaluate stage's metrics, as eval_*, on the training run and the final checkpoint's
+    logged model (when there is one)."""
+    import mlflow
+
+    mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step=step, run_id=run_id,
+                       model_id=model_id)
+
+
+def log_samples(run_id: str, step: int, text: str) -> None:
+    """The generate stage's samples, as the training run's artifact samples/step<N>.txt."""
+    import mlflow
+
+    mlflow.log_text(text, f"samples/step{step}.txt", run_id=run_id)
+
+
 class MetricLog:
     """Step metrics of one run, buffered and written in batches: every `every` seconds, and on flush()
     (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's own async
@@ -75,6 +129,46 @@ class MetricLog:
         for i in range(0, len(self.pending), 1000):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
         self.pending, self.last = [], time.monotonic()
+
+
+class TrainingTracker:
+    """A training run's step metrics and checkpoints in MLflow. Its methods are the training loop's
+    logging hooks: train metrics every log interval, val metrics every evaluation, and each saved
+    checkpoint as a logged model."""
+
+    def __init__(self, run, experiment_id: str, cfg: Config):
+        self.run_id, self.experiment_id = run.info.run_id, experiment_id
+        self.params, self.log_checkpoints = cfg.flat(), cfg.tracking.log_checkpoints
+        self.metrics = MetricLog(self.run_id)
+        self.model_ids: dict[int, str] = {}  # step → the logged model of its checkpoint
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics.log(step, metrics)
+
+    def log_eval(self, step: int, metrics: dict[str, float], at_checkpoint: bool) -> None:
+        # At a checkpoint, log_checkpoint logs val_loss linked to the checkpoint's logged model.
+        if not (self.log_checkpoints and at_checkpoint):
+            self.metrics.log(step, metrics)
+
+    def flush(self) -> None:
+        self.metrics.flush()
+
+    def checkpoint_saved(self, path: Path, entry: dict) -> None:
+        """A checkpoint is on disk (its manifest entry): log it as a logged model at its step.
+        Runs on the checkpoint writer's thread when saves are asynchronous."""
+        if self.log_checkpoints:
+            step = entry["step"]
+            self.model_ids[step] = log_checkpoint(self.run_id, self.experiment_id, path, step,
+                                                  self.params, logged_metrics(entry))
+
+
+def logged_metrics(entry: dict) -> dict[str, float]:
+    """The metrics a checkpoint's MLflow logged model gets: its val_loss, unless that was measured
+    at an earlier step (a save on a signal): MLflow ranks logged models by it as their own."""
+    from lmpipe.ckpt.payload import current_val_loss
+
+    val = current_val_loss(entry["metrics"], entry["step"])
+    return {} if val is None else {"val_loss": val}
 
 
 def ui_hint() -> str:
@@ -139,20 +233,29 @@ def pip_requirements() -> list[str]:
     return [f"{p}=={version(p).split('+')[0]}" for p in pins]
 
 
-def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any]) -> dict:
-    """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri."""
-    import warnings
-
-    import mlflow
+def model_signature(generate: GenerateConfig):
+    """The served model's signature: prompts in, text out, and predict params whose defaults are
+    the generate section of the registering run's configuration."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    root = Path(__file__).resolve().parent.parent
-    signature = ModelSignature(
+    kind = {f.name: {"int": "long", "float": "double"}.get(str(f.type)) for f in fields(generate)}
+    return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 200), ParamSpec("temperature", "double", 0.8),
-                            ParamSpec("top_k", "long", 0), ParamSpec("seed", "long", 1337)]))
+        params=ParamSchema([ParamSpec(k, kind[k], v) for k, v in generate.sampling().items()]))
+
+
+def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
+                   generate: GenerateConfig) -> dict:
+    """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
+    `generate`: the run's generate section, the defaults of predict's params."""
+    import warnings
+
+    import mlflow
+
+    root = Path(__file__).resolve().parent.parent
+    signature = model_signature(generate)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*input[ _]example")  # explicit signature instead
         info = mlflow.pyfunc.log_model(

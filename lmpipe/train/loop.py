@@ -20,7 +20,8 @@ from lmpipe.train.schedule import Schedule
 @dataclass
 class Callbacks:
     on_log: Callable[[int, dict], None] | None = None  # every log_interval steps: train metrics
-    on_eval: Callable[[int, dict], None] | None = None  # every eval_interval steps: val metrics
+    # every eval_interval steps and at each save: val metrics, and whether a checkpoint is saved
+    on_eval: Callable[[int, dict, bool], None] | None = None
     should_save: Callable[[int], bool] = lambda step: False
     on_save: Callable[[int, "TrainState"], None] | None = None
     should_stop: Callable[[], bool] = lambda: False  # checked after every step (signals)
@@ -127,35 +128,23 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
     state = state or TrainState.fresh(cfg)
     total = state.schedule.end
     progress = _Progress(state.step, total, clock=clock)
-    tokens_per_step = cfg.batch_size * block_size
+    window = _Window(cfg.batch_size * block_size)
     model.train()
-    window_loss, window_steps = 0.0, 0  # the steps since the last log line
-    window_time = 0.0  # training time only: evaluation and saving do not count against tokens/s
     while state.step < total:
         t0 = time.perf_counter()
         lr = state.schedule.lr_at(state.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        x, y = get_batch(train_data, block_size, cfg.batch_size, state.sampler, device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        batch = get_batch(train_data, block_size, cfg.batch_size, state.sampler, device)
+        window.add(_step(model, optimizer, batch, lr, cfg.grad_clip), time.perf_counter() - t0)
         state.step += 1
-        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
-        window_time += time.perf_counter() - t0
 
         logged = state.step % cfg.log_interval == 0 or state.step == total
-        metrics = {"train_loss": window_loss / window_steps, "lr": lr,
-                   "tokens_per_sec": tokens_per_step * window_steps / max(window_time, 1e-9)}
-        progress.update(state.step, metrics, logged, window_steps)
+        metrics = window.metrics(lr)
+        progress.update(state.step, metrics, logged, window.steps)
         if logged:
             state.history.append({"step": state.step, **metrics})
             if cb.on_log:
                 cb.on_log(state.step, metrics)
-            window_loss, window_steps, window_time = 0.0, 0, 0.0
+            window = _Window(window.tokens_per_step)
         if cb.should_stop():
             progress.close()
             if cb.on_stop:
@@ -163,18 +152,55 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
             return state
         saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == total)
         if saving or state.step % cfg.eval_interval == 0 or state.step == total:  # every checkpoint gets a val loss
-            val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches,
-                                cfg.seed + 1, device)
-            state.last_val_loss, state.last_val_step = val, state.step
-            state.best_val_loss = min(state.best_val_loss, val)
-            state.history.append({"step": state.step, "val_loss": val})
+            val = _evaluate(model, val_data, cfg, block_size, device, state)
             progress.note(f"step {state.step}: val loss {val:.4f}")
             if cb.on_eval:
-                cb.on_eval(state.step, {"val_loss": val})
+                cb.on_eval(state.step, {"val_loss": val}, saving)
         if saving:
             cb.on_save(state.step, state)
     progress.close()
     return state
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          batch: tuple[torch.Tensor, torch.Tensor], lr: float, grad_clip: float) -> float:
+    """One optimizer step on `batch` at learning rate `lr`; returns the batch's loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    _, loss = model(*batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def _evaluate(model: torch.nn.Module, val_data: torch.Tensor, cfg: TrainConfig, block_size: int,
+              device: str, state: TrainState) -> float:
+    """The val loss at state.step, recorded in the state and its history."""
+    val = estimate_loss(model, val_data, block_size, cfg.batch_size, cfg.eval_batches, cfg.seed + 1,
+                        device)
+    state.last_val_loss, state.last_val_step = val, state.step
+    state.best_val_loss = min(state.best_val_loss, val)
+    state.history.append({"step": state.step, "val_loss": val})
+    return val
+
+
+class _Window:
+    """The steps since the last log line: their summed loss, and their training time only
+    (evaluation and saving do not count against tokens/s)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.loss, self.steps, self.time = 0.0, 0, 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.loss, self.steps, self.time = self.loss + loss, self.steps + 1, self.time + seconds
+
+    def metrics(self, lr: float) -> dict[str, float]:
+        return {"train_loss": self.loss / self.steps, "lr": lr,
+                "tokens_per_sec": self.tokens_per_step * self.steps / max(self.time, 1e-9)}
 
 
 HEARTBEAT_S = 10.0  # a progress line at least this often, so a slow log interval still shows life

@@ -1,38 +1,45 @@
 """The train stage: tokenized data + a model (fresh, or resumed from a checkpoint) + the loop,
-wired to checkpoints and MLflow."""
+wired to checkpoints (train.saver.TrainingSaver) and MLflow (tracking.TrainingTracker)."""
 from __future__ import annotations
 
-import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from lmpipe import data, tokenizer, tracking
-from lmpipe.ckpt.integrity import verify_checkpoint
-from lmpipe.ckpt.payload import build_payload, current_val_loss
 from lmpipe.ckpt.rebuild import (
     check_optimizer_state,
     model_from_checkpoint,
     tokenizer_from_checkpoint,
 )
-from lmpipe.ckpt.store import checkpoint_filename, load_checkpoint, parse_filename
+from lmpipe.ckpt.store import load_checkpoint
 from lmpipe.common.device import pick_device
 from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
 from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
 from lmpipe.train.resume import Resume, has_train_state, plan, say
-from lmpipe.train.saver import Checkpointer, GracefulStop, TrainingStopped
+from lmpipe.train.saver import GracefulStop, TrainingSaver
 
 
 @dataclass
 class Setup:
+    """What a training run starts from: the model, optimizer, loop state and tokenizer (fresh, or
+    from the checkpoint), and, filled in by set_up, the device and the prepared data, encoded."""
     cfg: Config
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     state: TrainState
     tok: object
     parent_run_id: str | None = None
+    device: str = "cpu"
+    meta: dict = field(default_factory=dict)  # data/prepared/meta.json
+    train_ids: torch.Tensor | None = None
+    val_ids: torch.Tensor | None = None
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
 
 def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Tensor:
@@ -86,122 +93,68 @@ def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
     return state
 
 
-def data_record(cfg: Config, meta: dict) -> dict:
-    """The data section of a checkpoint's hyperparameters: the settings and the fingerprint of the
-    data this run really trained on (data/prepared), so a resume can find and check it again."""
-    return {**asdict(cfg.data), "source": meta.get("source_spec", cfg.data.source),
-            "fingerprint": meta.get("fingerprint")}
+def set_up(cfg: Config, resume: Resume | None) -> Setup:
+    """The model, optimizer, loop state and tokenizer (fresh, or from the checkpoint) and the
+    prepared data, encoded."""
+    device = pick_device(cfg.train.device)
+    s = resume_setup(cfg, resume, device) if resume else fresh_setup(cfg, device)
+    meta, block = data.load_meta(), s.cfg.model.block_size
+    train_ids = encode_split(s.tok, meta["train"], block, "train")
+    val_ids = encode_split(s.tok, meta["val"], block, "val")
+    return replace(s, device=device, meta=meta, train_ids=train_ids, val_ids=val_ids)
 
 
 def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     """Train (from scratch, or on from a checkpoint); return paths, the run id and final metrics."""
-    import mlflow
-
-    device = pick_device(cfg.train.device)
-    s = resume_setup(cfg, resume, device) if resume else fresh_setup(cfg, device)
-    cfg, model, optimizer, tok = s.cfg, s.model, s.optimizer, s.tok
-    meta = data.load_meta()
-    block = cfg.model.block_size
-    train_ids = encode_split(tok, meta["train"], block, "train")
-    val_ids = encode_split(tok, meta["val"], block, "val")
-    n_params = sum(p.numel() for p in model.parameters())
-
-    ckpt_dir = Path(cfg.checkpoint.dir)
+    s = set_up(cfg, resume)
+    cfg, meta = s.cfg, s.meta
     experiment_id = tracking.setup(cfg.tracking.experiment)
-    with tracking.training_run(experiment_id, f"{cfg.model.type}-{meta['source']}", s.parent_run_id) as run, \
+    run_name = f"{cfg.model.type}-{meta['source']}"
+    with tracking.training_run(experiment_id, run_name, s.parent_run_id) as run, \
             GracefulStop() as stop:
-        run_id = run.info.run_id
-        if resume:  # a continued run's params are immutable: record the resume as tags
-            at = f"lmpipe.resume.step{s.state.step}"
-            mlflow.set_tags({at: str(resume.checkpoint), f"{at}.schedule": str(s.state.schedule.to_dict()),
-                             f"{at}.data": f"{meta.get('source_spec')} ({meta.get('fingerprint')})"})
-        if not run.data.params:  # a new run (also when resuming an imported or foreign checkpoint)
-            mlflow.log_params({**cfg.flat(), "vocab_size": tok.vocab_size, "n_params": n_params,
-                               "device": device, "source_name": meta["source"]})
-        mlflow.set_tags({**tracking.lineage_tags({"data.train": meta["train"], "data.val": meta["val"],
-                                                   "tokenizer": tokenizer.TOKENIZER_FILE}),
-                         "lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
-                         "lmpipe.source": meta["source"]})
-        model_ids: dict[int, str] = {}
-        metric_log = tracking.MetricLog(run_id)
-
-        def on_saved(path: Path, entry: dict) -> None:  # runs on the writer thread when async
-            print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
-            if cfg.tracking.log_checkpoints:
-                model_ids[entry["step"]] = tracking.log_checkpoint(
-                    run_id, experiment_id, path, entry["step"], cfg.flat(), logged_metrics(entry))
-
-        ckpts = Checkpointer(ckpt_dir, cfg.checkpoint, run_id, on_saved=on_saved,
-                             protect=(resume.checkpoint,) if resume else ())
-
-        def payload(step: int, state: TrainState) -> dict:
-            return build_payload(
-                weights=model.state_dict(), optimizer=optimizer.state_dict(),
-                hyperparameters={**cfg.to_dict(), "data": data_record(cfg, meta)}, tokenizer_json=tok.to_json(),
-                step=step, vocab_size=tok.vocab_size, block_size=block, source=meta["source"], run_id=run_id,
-                train_state=state.to_dict(), metrics=state.metrics())
-
-        def name(step: int) -> Path:
-            return ckpt_dir / checkpoint_filename(cfg.model.type, meta["source"], step)
-
-        def save(step: int, state: TrainState, wait: bool = False) -> Path:
-            # Metrics up to this step become durable with the checkpoint: after a kill, the resume
-            # re-logs every later step, so the run's per-step history stays complete.
-            metric_log.flush()
-            path = name(step)
-            ckpts.save(path, payload(step, state), wait=wait)
-            return path
-
-        def on_stop(step: int, state: TrainState) -> None:
-            path = save(step, state, wait=True)
-            signame = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
-            if path not in ckpts.saved or not verify_checkpoint(path).ok:
-                raise TrainingStopped(f"training stopped by {signame} at step {step}, but the emergency checkpoint "
-                                      f"could not be written ({'; '.join(ckpts.failed[-1:])})", stop.signum)
-            raise TrainingStopped(f"training stopped by {signame} at step {step}; saved and verified {path}\n"
-                                  f"resume with: lmpipe resume --checkpoint {path}", stop.signum)
-
-        def should_save(step: int) -> bool:
-            return cfg.checkpoint.enabled and step % cfg.checkpoint.interval == 0
-
-        def on_eval(step: int, m: dict) -> None:
-            # At a checkpoint, log_checkpoint logs val_loss linked to the checkpoint's logged model.
-            if not (cfg.tracking.log_checkpoints and (should_save(step) or step == s.state.schedule.end)):
-                metric_log.log(step, m)
-
-        callbacks = Callbacks(
-            on_log=metric_log.log,
-            on_eval=on_eval, should_save=should_save,
-            on_save=lambda step, state: save(step, state),
-            should_stop=lambda: stop.requested, on_stop=on_stop)
+        tracker = tracking.TrainingTracker(run, experiment_id, cfg)
+        _record_run(run, s, entry, resume)
+        saver = TrainingSaver(cfg, meta, tracker.run_id, stop, model=s.model, optimizer=s.optimizer,
+                              tok=s.tok, flush=tracker.flush, on_saved=tracker.checkpoint_saved,
+                              protect=(resume.checkpoint,) if resume else ())
+        hooks = Callbacks(on_log=tracker.log, on_eval=tracker.log_eval, should_save=saver.due,
+                          on_save=saver.save, should_stop=saver.stop_requested,
+                          on_stop=saver.save_and_stop)
         try:
-            state = train(model, optimizer, train_ids, val_ids, cfg.train, block, device, callbacks, s.state)
+            state = train(s.model, s.optimizer, s.train_ids, s.val_ids, cfg.train,
+                          cfg.model.block_size, s.device, hooks, s.state)
         finally:
-            ckpts.wait()
-            metric_log.flush()
-        if not ckpts.saved or parse_filename(ckpts.saved[-1])["step"] != state.step:
-            raise UserError(f"training finished at step {state.step}, but its final checkpoint could not be "
-                            f"written ({'; '.join(ckpts.failed[-1:]) or 'unknown error'}); free disk space and "
-                            "resume from the last saved checkpoint")
-        _log_artifacts(state)
+            saver.wait()
+            tracker.flush()
+        final = saver.final(state.step)
+        tracking.log_training_artifacts(write_training_log(state))
     return {
-        "run_id": run_id, "experiment_id": experiment_id, "checkpoint": str(ckpts.saved[-1]),
-        "checkpoints": [str(p) for p in ckpts.saved], "checkpoint_dir": str(ckpt_dir), "step": state.step,
-        "source": meta["source"], "model_type": cfg.model.type, "final_val_loss": state.last_val_loss,
-        "final_model_id": model_ids.get(state.step), "n_params": n_params,
+        "run_id": tracker.run_id, "experiment_id": experiment_id, "checkpoint": str(final),
+        "checkpoints": [str(p) for p in saver.saved], "checkpoint_dir": str(saver.dir),
+        "step": state.step, "source": meta["source"], "model_type": cfg.model.type,
+        "final_val_loss": state.last_val_loss, "final_model_id": tracker.model_ids.get(state.step),
+        "n_params": s.n_params,
     }
 
 
-def logged_metrics(entry: dict) -> dict[str, float]:
-    """The metrics a checkpoint's MLflow logged model gets: its val_loss, unless that was measured
-    at an earlier step (a save on a signal): MLflow ranks logged models by it as their own."""
-    val = current_val_loss(entry["metrics"], entry["step"])
-    return {} if val is None else {"val_loss": val}
+def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
+    """The run's resume tags, its params (a new run's only) and its lineage tags."""
+    cfg, meta = s.cfg, s.meta
+    if resume:  # a continued run's params are immutable: record the resume as tags
+        tracking.record_resume(s.state.step, resume.checkpoint, s.state.schedule.to_dict(),
+                               f"{meta.get('source_spec')} ({meta.get('fingerprint')})")
+    tracking.log_run_params(run, {**cfg.flat(), "vocab_size": s.tok.vocab_size,
+                                  "n_params": s.n_params, "device": s.device,
+                                  "source_name": meta["source"]})
+    inputs = {"data.train": meta["train"], "data.val": meta["val"],
+              "tokenizer": tokenizer.TOKENIZER_FILE}
+    tracking.tag_run(inputs, {"lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
+                              "lmpipe.source": meta["source"]})
 
 
-def _log_artifacts(state: TrainState) -> None:
-    """Training log (CSV, DVC plots), loss-curve PNG, tokenizer and stats table."""
-    import mlflow
+def write_training_log(state: TrainState) -> list[tuple[Path, str]]:
+    """The training log (CSV, DVC plots) and loss-curve PNG; returns them with the tokenizer and
+    stats table, each with its artifact folder."""
     import pandas as pd
 
     from lmpipe.common.fileio import atomic_write_text
@@ -211,7 +164,5 @@ def _log_artifacts(state: TrainState) -> None:
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
     atomic_write_text(TRAIN_LOG, log.to_csv(index=False))
     loss_curve(log, LOSS_PLOT)
-    for path, where in ((TRAIN_LOG, "training"), (LOSS_PLOT, "training"),
-                        (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")):
-        if Path(path).exists():
-            mlflow.log_artifact(str(path), where)
+    return [(TRAIN_LOG, "training"), (LOSS_PLOT, "training"),
+            (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")]

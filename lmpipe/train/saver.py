@@ -13,18 +13,30 @@ from __future__ import annotations
 
 import shutil
 import signal
+import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from lmpipe.ckpt.integrity import verify_checkpoint
 from lmpipe.ckpt.manifest import read_manifest
-from lmpipe.ckpt.payload import current_val_loss
-from lmpipe.ckpt.store import clean_directory, delete_checkpoint, save_checkpoint
+from lmpipe.ckpt.payload import build_payload, current_val_loss
+from lmpipe.ckpt.store import (
+    checkpoint_filename,
+    clean_directory,
+    delete_checkpoint,
+    parse_filename,
+    save_checkpoint,
+)
 from lmpipe.common.errors import UserError, warn
 from lmpipe.common.fileio import SaveAbandoned
-from lmpipe.config import CheckpointConfig
+from lmpipe.config import CheckpointConfig, Config
+
+if TYPE_CHECKING:
+    from lmpipe.train.loop import TrainState
 
 
 class TrainingStopped(UserError):
@@ -155,6 +167,93 @@ class Checkpointer:
         warn(f"not enough disk space for {path.name} ({need >> 20} MB needed, {free_mb} MB free in {self.dir}); "
              "skipping this checkpoint and training on; free space or set checkpoint.keep_last")
         return False
+
+
+_SIGNAMES = {2: "SIGINT", 15: "SIGTERM"}
+
+
+class TrainingSaver:
+    """The checkpoints of one training run: how each is named and what it holds, when one is due,
+    the emergency save on a signal, and the check that the final one was written. Its methods are
+    the training loop's saving hooks; `flush` runs before every save (the step metrics up to a
+    checkpoint become durable with it), `on_saved` after each one is on disk."""
+
+    def __init__(self, cfg: Config, meta: dict, run_id: str, stop: GracefulStop, *, model,
+                 optimizer, tok, flush: Callable[[], None],
+                 on_saved: Callable[[Path, dict], None], protect: tuple[Path, ...] = ()):
+        self.cfg, self.meta, self.run_id, self.stop = cfg, meta, run_id, stop
+        self.model, self.optimizer, self.tok = model, optimizer, tok  # what each checkpoint holds
+        self.flush, self.on_saved = flush, on_saved
+        self.dir = Path(cfg.checkpoint.dir)
+        self.ckpts = Checkpointer(self.dir, cfg.checkpoint, run_id, protect, on_saved=self._saved)
+
+    def due(self, step: int) -> bool:
+        return self.cfg.checkpoint.enabled and step % self.cfg.checkpoint.interval == 0
+
+    def path(self, step: int) -> Path:
+        return self.dir / checkpoint_filename(self.cfg.model.type, self.meta["source"], step)
+
+    def payload(self, step: int, state: TrainState) -> dict:
+        cfg, tok = self.cfg, self.tok
+        return build_payload(
+            weights=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            hyperparameters={**cfg.to_dict(), "data": data_record(cfg, self.meta)},
+            tokenizer_json=tok.to_json(), step=step, vocab_size=tok.vocab_size,
+            block_size=cfg.model.block_size, source=self.meta["source"], run_id=self.run_id,
+            train_state=state.to_dict(), metrics=state.metrics())
+
+    def save(self, step: int, state: TrainState, wait: bool = False) -> Path:
+        # Metrics up to this step become durable with the checkpoint: after a kill, the resume
+        # re-logs every later step, so the run's per-step history stays complete.
+        self.flush()
+        path = self.path(step)
+        self.ckpts.save(path, self.payload(step, state), wait=wait)
+        return path
+
+    def stop_requested(self) -> bool:
+        return self.stop.requested
+
+    def save_and_stop(self, step: int, state: TrainState) -> None:
+        """On SIGINT/SIGTERM: write and verify a checkpoint, then raise TrainingStopped."""
+        path = self.save(step, state, wait=True)
+        signum = self.stop.signum
+        stopped = f"training stopped by {_SIGNAMES.get(signum, f'signal {signum}')} at step {step}"
+        if path not in self.saved or not verify_checkpoint(path).ok:
+            raise TrainingStopped(f"{stopped}, but the emergency checkpoint could not be written "
+                                  f"({'; '.join(self.failed[-1:])})", signum)
+        raise TrainingStopped(f"{stopped}; saved and verified {path}\n"
+                              f"resume with: lmpipe resume --checkpoint {path}", signum)
+
+    def wait(self) -> None:
+        self.ckpts.wait()
+
+    def final(self, step: int) -> Path:
+        """The checkpoint of the last step; a UserError when it could not be written."""
+        if not self.saved or parse_filename(self.saved[-1])["step"] != step:
+            reason = "; ".join(self.failed[-1:]) or "unknown error"
+            raise UserError(f"training finished at step {step}, but its final checkpoint could not "
+                            f"be written ({reason}); free disk space and resume from the last "
+                            "saved checkpoint")
+        return self.saved[-1]
+
+    @property
+    def saved(self) -> list[Path]:
+        return self.ckpts.saved
+
+    @property
+    def failed(self) -> list[str]:
+        return self.ckpts.failed
+
+    def _saved(self, path: Path, entry: dict) -> None:  # on the writer thread when async
+        print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
+        self.on_saved(path, entry)
+
+
+def data_record(cfg: Config, meta: dict) -> dict:
+    """The data section of a checkpoint's hyperparameters: the settings and the fingerprint of the
+    data this run really trained on (data/prepared), so a resume can find and check it again."""
+    return {**asdict(cfg.data), "source": meta.get("source_spec", cfg.data.source),
+            "fingerprint": meta.get("fingerprint")}
 
 
 def estimate_bytes(payload: Any) -> int:
