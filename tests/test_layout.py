@@ -34,9 +34,6 @@ FORBIDDEN = [
     ("lmpipe/ models/", "prefect", "Prefect is tasks/ and flows/ only: lmpipe runs without it"),
 ]
 
-# Until the tracking refactor lands, these two still import mlflow themselves.
-PENDING_MLFLOW = ("lmpipe/stages.py", "lmpipe/train/run.py")
-
 # The table must say at least this (issue #9): (importer, imported, allowed?).
 EXPECTED = [
     ("lmpipe/ckpt/verify.py", "lmpipe/train/loop.py", False),
@@ -155,11 +152,6 @@ def test_imports_follow_the_layers():
 def test_mlflow_is_imported_by_tracking_and_serving_only():
     graph = build()
     bad = [e for e, _ in _violations(graph) if e.target == "mlflow"]
-    pending = [e for e in bad if graph.path(e.source) in PENDING_MLFLOW]
-    now = [e for e in bad if e not in pending]
-    if now:
+    if bad:
         pytest.fail("mlflow imported outside lmpipe/tracking.py and lmpipe/serving.py:\n"
-                    + "\n".join(f"  {_describe(graph, e)}" for e in now), pytrace=False)
-    if pending:
-        pytest.xfail("until the tracking refactor lands: " + "; ".join(
-            _describe(graph, e) for e in pending))
+                    + "\n".join(f"  {_describe(graph, e)}" for e in bad), pytrace=False)

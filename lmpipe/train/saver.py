@@ -1,4 +1,4 @@
-"""When and how checkpoints are written during training (the I/O itself is lmpipe.checkpoint):
+"""When and how checkpoints are written during training (the I/O itself is lmpipe.ckpt.store):
 
 - asynchronous saves: the state is copied into reused CPU buffers, a background thread writes it;
   training waits on the disk only while the previous save is still running;
