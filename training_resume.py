@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The seed guide's `CHECKPOINT_PATH=... TRAINING_DATA_SOURCE=new_data.md python3 training_resume.py`
+"""The seed guide's
+`CHECKPOINT_PATH=... TRAINING_DATA_SOURCE=new_data.md python3 training_resume.py`
 ("implementation coming" there): resume training from a checkpoint, on new data if given
 (`lmpipe resume`). See lmpipe/cli/seed.py."""
 import sys

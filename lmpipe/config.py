@@ -63,7 +63,8 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"
-    resume: str = ""  # "": start fresh; "latest" or a checkpoint path: resume (explicit, tracked by DVC)
+    # "": start fresh; "latest" or a checkpoint path: resume (explicit, tracked by DVC)
+    resume: str = ""
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """'train.lr=3e-4' → ('train.lr', '3e-4')."""
     key, sep, value = text.partition("=")
     if not sep or "." not in key:
-        raise ConfigError([f"override {text!r} must look like section.key=value (e.g. train.steps=100)"])
+        raise ConfigError([f"override {text!r} must look like section.key=value (e.g. "
+                           "train.steps=100)"])
     return key.strip(), value.strip()
 
 
@@ -378,8 +380,8 @@ def _by_model_items(table: Any, where: str, problems: list[str]) -> list[tuple[s
     items = []
     for model_type, sections in table.items():
         if not isinstance(sections, dict):
-            problems.append(f"{where}: {BY_MODEL}.{model_type} must be a mapping of sections, "
-                            f"got {sections!r}")
+            problems.append(f"{where}: {BY_MODEL}.{model_type} must be a mapping of sections, got "
+                            f"{sections!r}")
             continue
         for section, values in sections.items():
             if not isinstance(values, dict):
@@ -403,7 +405,8 @@ def _by_model_override(text: str, key: str, value: str,
 
 def _by_model_item(model_type: str, section: str, values, where: str,
                    problems: list[str]) -> list[tuple[str, Item]]:
-    """One by_model.TYPE.SECTION mapping's (key, value) pairs as items; unknown names are problems."""
+    """One by_model.TYPE.SECTION mapping's (key, value) pairs as items; unknown names are
+    problems."""
     if model_type not in MODEL_TYPES:
         problems.append(f"{where}: unknown model type {model_type!r} in {BY_MODEL}; "
                         f"known: {', '.join(MODEL_TYPES)}")
@@ -462,12 +465,14 @@ def _build(raw: dict[str, dict[str, Any]], origin: dict[str, str], problems: lis
     m = cfg.model
     bad = {p.split(" ", 1)[0] for p in problems}
     if not {"model.n_embd", "model.n_head"} & bad and m.n_embd % m.n_head:
-        problems.append(f"model.n_embd must be divisible by model.n_head, got n_embd={m.n_embd}, n_head={m.n_head}")
+        problems.append(f"model.n_embd must be divisible by model.n_head, got n_embd={m.n_embd}, "
+                        f"n_head={m.n_head}")
     if not {"model.n_head", "model.n_kv_head"} & bad and m.n_kv_head and m.n_head % m.n_kv_head:
-        problems.append(f"model.n_head must be divisible by model.n_kv_head, got n_head={m.n_head}, "
-                        f"n_kv_head={m.n_kv_head}")
+        problems.append("model.n_head must be divisible by model.n_kv_head, got "
+                        f"n_head={m.n_head}, n_kv_head={m.n_kv_head}")
     if not {"train.lr", "train.min_lr"} & bad and cfg.train.min_lr > cfg.train.lr:
-        problems.append(f"train.min_lr must be <= train.lr, got min_lr={cfg.train.min_lr}, lr={cfg.train.lr}")
+        problems.append(f"train.min_lr must be <= train.lr, got min_lr={cfg.train.min_lr}, "
+                        f"lr={cfg.train.lr}")
     return cfg
 
 
@@ -488,7 +493,8 @@ def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
 
 # Environment variables that belong to features of other configurations (not settings of their own).
 OTHER_ENV_VARS = {
-    "GPT2_MODEL_NAME": "it chooses the pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot train yet",
+    "GPT2_MODEL_NAME": "it chooses the pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot "
+                       "train yet",
 }
 
 
@@ -496,7 +502,8 @@ def _inert_reason(key: str, cfg: Config) -> str | None:
     """Why `key` has no effect under `cfg`, or None when it has one."""
     section, name = key.split(".", 1)
     if section == BY_MODEL and name.split(".", 1)[0] != cfg.model.type:
-        return f"model.type is {cfg.model.type}; it applies when model.type is {name.split('.', 1)[0]}"
+        return (f"model.type is {cfg.model.type}; it applies when model.type is "
+                f"{name.split('.', 1)[0]}")
     if key == "tokenizer.vocab_size" and cfg.tokenizer.kind != "bpe":
         return f"tokenizer.kind is {cfg.tokenizer.kind}; it sizes the bpe tokenizer only"
     if key == "tokenizer.gpt2_path" and cfg.tokenizer.kind != "gpt2":
@@ -508,14 +515,17 @@ def _inert_reason(key: str, cfg: Config) -> str | None:
     if key in ("model.dropout", "model.bias") and cfg.model.type == "nanochat":
         return "model.type is nanochat, which has neither dropout nor biases"
     if key == "checkpoint.interval" and not cfg.checkpoint.enabled:
-        return "periodic checkpoints are off (checkpoint.enabled false; ENABLE_CHECKPOINTS=true turns them on)"
+        return ("periodic checkpoints are off (checkpoint.enabled false; ENABLE_CHECKPOINTS=true "
+                "turns them on)")
     return None
 
 
 def explicit_settings(overrides=(), env=None) -> dict[str, str]:
-    """{key: where it was set} for the keys set on the command line or by an environment variable."""
+    """{key: where it was set} for the keys set on the command line or by an environment
+    variable."""
     env = os.environ if env is None else env
-    found = {k: f"environment variable {var}" for var, keys in ENV_VARS.items() if env.get(var, "") != ""
+    found = {k: f"environment variable {var}" for var,
+             keys in ENV_VARS.items() if env.get(var, "") != ""
              for k in keys}
     for text in overrides:
         key = ALIASES.get(text.partition("=")[0].strip(), text.partition("=")[0].strip())
@@ -526,7 +536,8 @@ def explicit_settings(overrides=(), env=None) -> dict[str, str]:
 def inert_settings(cfg: Config, overrides=(), env=None) -> list[str]:
     """One warning line for each explicitly set variable or key that does nothing under `cfg`."""
     env = os.environ if env is None else env
-    lines = [f"{var}={env[var]} has no effect: {why}" for var, why in OTHER_ENV_VARS.items() if env.get(var)]
+    lines = [f"{var}={env[var]} has no effect: {why}" for var,
+             why in OTHER_ENV_VARS.items() if env.get(var)]
     for key, where in explicit_settings(overrides, env).items():
         why = _inert_reason(key, cfg) if "." in key else None
         if why:

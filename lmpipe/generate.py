@@ -8,7 +8,8 @@ from lmpipe.common.errors import UserError
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None, vocab_limit: int | None = None) -> torch.Tensor:
+           top_k: int = 0, generator: torch.Generator | None = None,
+           vocab_limit: int | None = None) -> torch.Tensor:
     """idx (B, T) → (B, T + max_new_tokens); the context is cropped to the model's block_size.
     vocab_limit: never sample ids at or above it (nanoGPT pads GPT-2's 50257 tokens to 50304)."""
     for _ in range(max_new_tokens):

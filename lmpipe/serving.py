@@ -17,7 +17,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.device = pick_device("auto")
         _, self.model, self.tok = load_for_inference(
             context.artifacts["checkpoint"], self.device, "the model's checkpoint artifact",
-            "download the model again, or register it again from a checkpoint that passes 'lmpipe ckpt verify'")
+            "download the model again, or register it again from a checkpoint that passes 'lmpipe "
+            "ckpt verify'")
 
     # The DataFrame hint tells MLflow to use the explicit signature given at logging time.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The pipeline's stages as plain functions: prepare → tokenizer → train → evaluate → generate → register.
+"""The pipeline's stages as plain functions: prepare → tokenizer → train → evaluate → generate →
+register.
 
 Prefect tasks (tasks/) wrap these; DVC stages run them through `lmpipe stage NAME`. Stages talk
 through files under data/ and outputs/, and return small dicts of paths, ids and metrics.
@@ -40,12 +41,14 @@ def preflight(cfg: Config) -> None:
     """
     from lmpipe.common.device import pick_device
 
-    corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed, cfg.model.block_size + 1)
+    corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed,
+                               cfg.model.block_size + 1)
     if cfg.tokenizer.kind == "char":
         unknown = sorted(set(cfg.generate.prompt) - set(corpus.text("train") + corpus.text("val")))
         if unknown:
-            raise UserError(f"generate.prompt has character(s) that never occur in the corpus, so the char "
-                            f"tokenizer cannot encode them: {', '.join(map(repr, unknown))}; change the prompt")
+            raise UserError("generate.prompt has character(s) that never occur in the corpus, so "
+                            "the char tokenizer cannot encode them: "
+                            f"{', '.join(map(repr, unknown))}; change the prompt")
     pick_device(cfg.train.device)
     pick_device(cfg.generate.device)
     if cfg.tokenizer.kind == "gpt2":
@@ -55,7 +58,8 @@ def preflight(cfg: Config) -> None:
 # --- prepare -------------------------------------------------------------------------------------
 
 def prepare_fingerprint(cfg: Config) -> str:
-    """Changes with the corpus bytes, the split settings or data.py: the prepare stage's cache key."""
+    """Changes with the corpus bytes, the split settings or data.py: the prepare stage's cache
+    key."""
     src = data.resolve_source(cfg.data.source)
     return _code_hash("data.py", data.fingerprint(src, cfg.data.val_fraction, cfg.data.seed))
 
@@ -78,7 +82,8 @@ def prepare(cfg: Config) -> dict:
 def tokenizer_fingerprint(cfg: Config) -> str:
     """Changes with the tokenizer settings, the prepared splits or tokenizer.py: its cache key."""
     meta = data.load_meta()
-    parts = [json.dumps(asdict(cfg.tokenizer), sort_keys=True), file_md5(meta["train"]), file_md5(meta["val"])]
+    parts = [json.dumps(asdict(cfg.tokenizer), sort_keys=True), file_md5(meta["train"]),
+             file_md5(meta["val"])]
     return _code_hash("tokenizer.py", hashlib.sha256("|".join(parts).encode()).hexdigest())
 
 
@@ -101,7 +106,8 @@ def build_tokenizer(cfg: Config) -> dict:
     tokenizer.save(tok)
     atomic_write_text(TOKEN_STATS, stats.to_csv(index=False))
     atomic_write_text(FINGERPRINT, tokenizer_fingerprint(cfg))
-    return {"tokenizer": str(tokenizer.TOKENIZER_FILE), "kind": tok.kind, "vocab_size": tok.vocab_size,
+    return {"tokenizer": str(tokenizer.TOKENIZER_FILE), "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
             "stats": str(TOKEN_STATS)}
 
 
@@ -124,14 +130,18 @@ def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     from lmpipe.train.run import run_training
 
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
-        resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir), total=cfg.train.steps)
-        require_intact(resume.checkpoint, "the checkpoint train.resume names", EARLIER.format(path=resume.checkpoint))
+        resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir),
+                        total=cfg.train.steps)
+        require_intact(resume.checkpoint, "the checkpoint train.resume names",
+                       EARLIER.format(path=resume.checkpoint))
         ckpt = load_checkpoint(resume.checkpoint, mmap=True)
         check_architecture(ckpt, cfg.model, resume.checkpoint, f"train.resume={cfg.train.resume}")
         saved, fingerprint = recorded_data(ckpt)
-        if fingerprint and fingerprint != data.load_meta().get("fingerprint"):  # DVC tracks data.source
-            say(f"train.resume continues {resume.checkpoint} on data.source={cfg.data.source}, not on the data "
-                f"it was trained on ({saved.source}); the new checkpoints record the new source")
+        # DVC tracks data.source
+        if fingerprint and fingerprint != data.load_meta().get("fingerprint"):
+            say(f"train.resume continues {resume.checkpoint} on data.source={cfg.data.source}, not "
+                f"on the data it was trained on ({saved.source}); the new checkpoints record the "
+                "new source")
     info = run_training(cfg, entry, resume)
     _write_json(TRAIN_INFO, info)
     return info
@@ -144,7 +154,8 @@ def _train_info(train_info: dict | None) -> dict:
 # --- evaluate ------------------------------------------------------------------------------------
 
 def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
-    """Val loss, perplexity and bits per byte of the final checkpoint → outputs/metrics.json + MLflow."""
+    """Val loss, perplexity and bits per byte of the final checkpoint → outputs/metrics.json +
+    MLflow."""
     import torch
 
     from lmpipe import tracking
@@ -178,7 +189,8 @@ def generate(cfg: Config, train_info: dict | None = None) -> dict:
     g = cfg.generate
     device = pick_device(g.device)
     ckpt, model, tok = load_for_inference(info["checkpoint"], device)
-    samples = [generate_text(model, tok, g.prompt, g.max_new_tokens, g.temperature, g.top_k, g.seed + i, device)
+    samples = [generate_text(model, tok, g.prompt, g.max_new_tokens, g.temperature, g.top_k,
+                             g.seed + i, device)
                for i in range(g.num_samples)]
     text = "\n\n-----\n\n".join(samples) + "\n"
     atomic_write_text(SAMPLES, text)

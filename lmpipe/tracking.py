@@ -41,7 +41,8 @@ def setup(experiment: str) -> str:
 
 def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = None):
     """A new MLflow run, or — when resuming — the checkpoint's own run, continued (same run id,
-    continuous step numbers). If that run is not in this store, a new run records it as its parent."""
+    continuous step numbers). If that run is not in this store, a new run records it as its
+    parent."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -106,9 +107,10 @@ def log_samples(run_id: str, step: int, text: str) -> None:
 
 
 class MetricLog:
-    """Step metrics of one run, buffered and written in batches: every `every` seconds, and on flush()
-    (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's own async
-    logging would do the same, but each of its flushes waits up to 1 s on an idle queue."""
+    """Step metrics of one run, buffered and written in batches: every `every` seconds, and on
+    flush() (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's
+    own async logging would do the same, but each of its flushes waits up to 1 s on an idle
+    queue."""
 
     def __init__(self, run_id: str, every: float = 5.0):
         from mlflow import MlflowClient
@@ -180,7 +182,8 @@ def ui_hint() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -205,9 +208,11 @@ def lineage_tags(data_files: dict[str, str | Path]) -> dict[str, str]:
 
 def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, params: dict[str, Any],
                    metrics: dict[str, float]) -> str:
-    """A checkpoint as an MLflow 3 logged model at its step: the file, its hyperparameters and metrics.
+    """A checkpoint as an MLflow 3 logged model at its step: the file, its hyperparameters and
+    metrics.
 
-    They appear in the run's Models tab and rank with mlflow.search_logged_models(order_by=val_loss).
+    They appear in the run's Models tab and rank with
+    mlflow.search_logged_models(order_by=val_loss).
     """
     import mlflow
     from mlflow import MlflowClient
@@ -257,7 +262,8 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
     root = Path(__file__).resolve().parent.parent
     signature = model_signature(generate)
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*input[ _]example")  # explicit signature instead
+        # explicit signature instead
+        warnings.filterwarnings("ignore", message=r".*input[ _]example")
         info = mlflow.pyfunc.log_model(
             # Models from code: the model is this file plus the code paths, nothing is pickled.
             name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
@@ -266,4 +272,5 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
             pip_requirements=pip_requirements(), registered_model_name=name, step=step,
             params={k: str(v) for k, v in params.items()}, await_registration_for=60)
     version = str(info.registered_model_version)
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}", "model_id": info.model_id}
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
+            "model_id": info.model_id}

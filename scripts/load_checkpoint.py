@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The seed guide's `python3 scripts/load_checkpoint.py`; `--help` shows its variables (lmpipe/cli/seed.py)."""
+"""The seed guide's `python3 scripts/load_checkpoint.py`; `--help` shows its variables
+(lmpipe/cli/seed.py)."""
 import sys
 from pathlib import Path
 

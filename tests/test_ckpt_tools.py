@@ -27,7 +27,8 @@ def ckdir(project):
     save_lmpipe(d, 10, source="letters")
     save_lmpipe(d, 20, source="letters")
     save_lmpipe(d, 30, model_type="bigram", source="notes",
-                arch={"type": "bigram", "n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 16, "dropout": 0.0,
+                arch={"type": "bigram", "n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 16,
+                      "dropout": 0.0,
                       "bias": False})
     return d
 
@@ -36,18 +37,24 @@ def test_list_filters_and_reads_no_tensors(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "list", "--json")
     rows = json.loads(out)
     assert code == 0 and [r["step"] for r in rows] == [10, 20, 30]  # newest last
-    assert rows[0]["val_loss"] == pytest.approx(1.99) and rows[0]["verified"] == "ok" and rows[0]["run_id"] == "run10"
-    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--model", "bigram", "--json")[1])] == [30]
-    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--source", "lett", "--json")[1])] == [10, 20]
-    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--step", "20", "--json")[1])] == [20]
+    assert rows[0]["val_loss"] == pytest.approx(1.99)
+    assert rows[0]["verified"] == "ok" and rows[0]["run_id"] == "run10"
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--model", "bigram",
+                                              "--json")[1])] == [30]
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--source", "lett",
+                                              "--json")[1])] == [10, 20]
+    assert [r["step"] for r in json.loads(run(capsys, "ckpt", "list", "--step", "20",
+                                              "--json")[1])] == [20]
     # a size that disagrees with the manifest shows without reading tensors
     with open(sorted(ckdir.glob("*step0020*"))[0], "ab") as f:
         f.write(b"x")
-    assert [r["verified"] for r in json.loads(run(capsys, "ckpt", "list", "--json")[1])] == ["ok", "corrupt", "ok"]
+    rows = json.loads(run(capsys, "ckpt", "list", "--json")[1])
+    assert [r["verified"] for r in rows] == ["ok", "corrupt", "ok"]
     # the table, in a fresh interpreter: torch is never imported for lmpipe checkpoints
     probe = ("import sys; from lmpipe.cli import main; main(['ckpt', 'list']); "
              "print('torch imported' if 'torch' in sys.modules else 'no torch')")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env(), check=True)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=cli_env(), check=True)
     assert "MODEL" in res.stdout and "VAL LOSS" in res.stdout and "RUN ID" in res.stdout
     assert res.stdout.strip().endswith("no torch")
 
@@ -56,15 +63,20 @@ def test_inspect_describes_everything(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "inspect", "latest", "--json")
     d = json.loads(out)
     model = tiny_model({**ARCH, "type": "bigram"})
-    assert code == 0 and d["format"] == "lmpipe" and d["step"] == 30 and d["format_version"] == FORMAT_VERSION
+    assert code == 0 and d["format"] == "lmpipe" and d["step"] == 30
+    assert d["format_version"] == FORMAT_VERSION
     assert d["total_params"] == sum(p.numel() for p in model.parameters())
-    assert d["tensors"][0] == {"name": "token_embedding_table.weight", "shape": [len(CHARS), len(CHARS)],
+    assert d["tensors"][0] == {"name": "token_embedding_table.weight",
+                               "shape": [len(CHARS), len(CHARS)],
                                "dtype": "float32", "params": len(CHARS) ** 2}
-    assert d["optimizer"][0]["type"] == "AdamW" and d["optimizer"][0]["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]
+    assert d["optimizer"][0]["type"] == "AdamW"
+    assert d["optimizer"][0]["state_keys"] == ["exp_avg", "exp_avg_sq", "step"]
     assert d["tokenizer"]["kind"] == "char" and d["tokenizer"]["vocab_size"] == len(CHARS)
-    assert d["versions"]["torch"] == str(torch.__version__) and d["hyperparameters"]["model"]["type"] == "bigram"
+    assert d["versions"]["torch"] == str(torch.__version__)
+    assert d["hyperparameters"]["model"]["type"] == "bigram"
     code, out, _ = run(capsys, "ckpt", "inspect", str(sorted(ckdir.glob("*step0010*"))[0]))
-    assert "=== Optimizer ===" in out and "Total parameters:" in out and "tied weights counted once" in out
+    assert "=== Optimizer ===" in out and "Total parameters:" in out
+    assert "tied weights counted once" in out
 
 
 def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(ckdir, capsys):
@@ -86,8 +98,10 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
         arch = {**ARCH, "type": "bigram"}
         hp = lmpipe_payload(step=step, arch=arch)["hyperparameters"]
         save_checkpoint(ckdir / checkpoint_filename("bigram", "stopped", step), build_payload(
-            weights=model.state_dict(), optimizer=opt.state_dict(), hyperparameters=hp, tokenizer_json="{}",
-            step=step, vocab_size=len(CHARS), block_size=16, source="stopped", train_state=st.to_dict(),
+            weights=model.state_dict(), optimizer=opt.state_dict(), hyperparameters=hp,
+            tokenizer_json="{}",
+            step=step, vocab_size=len(CHARS), block_size=16, source="stopped",
+            train_state=st.to_dict(),
             metrics=st.metrics()))
 
     train(model, opt, data, data, cfg, 16, "cpu", Callbacks(
@@ -106,7 +120,8 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
     assert "  val_loss: — (last eval at step 10)\n" in run(capsys, "ckpt", "inspect", stopped)[1]
     info = json.loads(run(capsys, "ckpt", "inspect", stopped, "--json")[1])["info"]
     assert info["val_loss"] is None and info["val_step"] == 10
-    info = json.loads(run(capsys, "ckpt", "inspect", str(sorted(ckdir.glob("*_stopped_step0010_*"))[0]),
+    info = json.loads(run(capsys, "ckpt", "inspect",
+                          str(sorted(ckdir.glob("*_stopped_step0010_*"))[0]),
                           "--json")[1])["info"]
     assert info["val_loss"] == pytest.approx(val10) and info["val_step"] == 10
 
@@ -114,7 +129,8 @@ def test_a_checkpoint_saved_between_evaluations_shows_when_its_val_loss_is_from(
 def test_verify_reports_each_problem(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "verify", str(ckdir))
     assert code == 0 and out.count("ok    ") == 3
-    # NaN in a weight, NaN in optimizer state, optimizer state of the wrong shape: all written with valid manifests
+    # NaN in a weight, NaN in optimizer state, optimizer state of the wrong shape: all written with
+    # valid manifests
     nan = lmpipe_payload(step=40)
     nan["model_state_dict"]["transformer.wpe.weight"][0, 0] = float("nan")
     save_checkpoint(ckdir / checkpoint_filename("gpt", "nan", 40), nan)
@@ -139,7 +155,8 @@ def test_verify_reports_each_problem(ckdir, capsys):
     code, out, _ = run(capsys, "ckpt", "verify", str(ckdir / entry["file"]))
     assert code == 1 and "architecture: weights do not fit the architecture it declares" in out
     code, out, _ = run(capsys, "ckpt", "doctor", str(ckdir / entry["file"]))
-    assert code == 4 and "the weights themselves say vocab_size=20, n_embd=8, block_size=16, n_layer=1" in out
+    assert code == 4
+    assert "the weights themselves say vocab_size=20, n_embd=8, block_size=16, n_layer=1" in out
 
 
 def test_diff_norms_and_shapes(ckdir, capsys):
@@ -148,22 +165,28 @@ def test_diff_norms_and_shapes(ckdir, capsys):
     d = json.loads(out)
     assert code == 0 and d["relative_change"] == 0 and d["identical"] == len(d["changes"])
     save_checkpoint(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt",
-                               lmpipe_payload(model=tiny_model({**ARCH, "n_embd": 16}, seed=5), step=20,
+                               lmpipe_payload(model=tiny_model({**ARCH, "n_embd": 16}, seed=5),
+                                              step=20,
                                               arch={**ARCH, "n_embd": 16}))
-    d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt"),
+    d = json.loads(run(capsys, "ckpt", "diff", str(a),
+                       str(ckdir / "checkpoint_gpt_wide_step0020_01012026_000000.pt"),
                        "--json")[1])
     assert {"key": "model.n_embd", "a": 8, "b": 16} in d["hyperparameters"]
-    assert {"name": "transformer.wte.weight", "a": [len(CHARS), 8], "b": [len(CHARS), 16]} in d["reshaped"]
+    assert {"name": "transformer.wte.weight", "a": [len(CHARS), 8],
+            "b": [len(CHARS), 16]} in d["reshaped"]
     # same shapes, different weights: the per-tensor norms are the exact ‖B−A‖
     payload = lmpipe_payload(step=99)
-    payload["model_state_dict"] = {k: v.clone() for k, v in load_checkpoint(a)["model_state_dict"].items()}
+    payload["model_state_dict"] = {k: v.clone() for k,
+                                   v in load_checkpoint(a)["model_state_dict"].items()}
     payload["model_state_dict"]["transformer.wpe.weight"] += 0.5
     save_checkpoint(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt", payload)
-    d = json.loads(run(capsys, "ckpt", "diff", str(a), str(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt"),
+    d = json.loads(run(capsys, "ckpt", "diff", str(a),
+                       str(ckdir / "checkpoint_gpt_shift_step0099_01012026_000000.pt"),
                        "--json")[1])
     top = d["changes"][0]
     assert top["name"] == "transformer.wpe.weight" and top["max_abs"] == pytest.approx(0.5)
-    assert top["norm"] == pytest.approx(0.5 * (16 * 8) ** 0.5) and d["identical"] == len(d["changes"]) - 1
+    assert top["norm"] == pytest.approx(0.5 * (16 * 8) ** 0.5)
+    assert d["identical"] == len(d["changes"]) - 1
 
 
 def test_export_safetensors_roundtrip(ckdir, capsys):
@@ -172,7 +195,8 @@ def test_export_safetensors_roundtrip(ckdir, capsys):
     from lmpipe.tokenizer import from_json
 
     src = sorted(ckdir.glob("checkpoint_gpt_*"))[0]
-    code, out, _ = run(capsys, "ckpt", "export", str(src), "--format", "safetensors", "--out", "exported")
+    code, out, _ = run(capsys, "ckpt", "export", str(src), "--format", "safetensors", "--out",
+                       "exported")
     assert code == 0
     weights = load_file("exported/model.safetensors")
     saved = load_checkpoint(src)["model_state_dict"]
@@ -201,7 +225,8 @@ def test_export_hf_matches_logits(ckdir, capsys):
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(ckdir.parent / "hf" / "tokenizer.json"))
     assert hf_tok.encode("Dear Agnes") == tok.encode("Dear Agnes")
     assert hf_tok.decode(tok.encode("my hedge\nis tall")) == "my hedge\nis tall"
-    code, _, err = run(capsys, "ckpt", "export", str(sorted(ckdir.glob("checkpoint_bigram_*"))[0]), "--format", "hf")
+    code, _, err = run(capsys, "ckpt", "export", str(sorted(ckdir.glob("checkpoint_bigram_*"))[0]),
+                       "--format", "hf")
     assert code == 2 and "use --format safetensors" in err
 
 
@@ -223,8 +248,8 @@ def test_doctor_falls_back_only_within_the_lineage(project, capsys):
     ours.unlink()
     code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))
     assert code == 4 and str(other_run) not in out and str(other_source) not in out
-    assert ("no earlier checkpoint of its lineage (model gpt, source dear_agnes, MLflow run run-a) "
-            "verifies") in out and "fix: retrain" in out
+    assert ("no earlier checkpoint of its lineage (model gpt, source dear_agnes, MLflow run "
+            "run-a) verifies") in out and "fix: retrain" in out
     # its run unknown (no manifest entry): same model and source at an earlier step, said so
     update_manifest(d, lambda m: m.pop(damaged.name))
     code, out, _ = run(capsys, "ckpt", "doctor", str(damaged))

@@ -25,8 +25,10 @@ DATA = torch.tensor([(i * 7 + i // 13) % 11 for i in range(800)])
 
 
 def _cfg(steps=24, **extra):
-    over = [f"train.steps={steps}", "train.warmup_steps=4", "train.batch_size=4", "train.log_interval=1",
-            "train.eval_interval=8", "train.eval_batches=2", "train.lr=0.01", *[f"{k}={v}" for k, v in extra.items()]]
+    over = [f"train.steps={steps}", "train.warmup_steps=4", "train.batch_size=4",
+            "train.log_interval=1",
+            "train.eval_interval=8", "train.eval_batches=2", "train.lr=0.01",
+            *[f"{k}={v}" for k, v in extra.items()]]
     return load_config(None, over, env={})
 
 
@@ -47,8 +49,10 @@ def _payload(model, opt, state, cfg):
     hp = cfg.to_dict()
     hp["model"].update({k: v for k, v in ARCH.items() if k != "vocab_size"}, type=kind)
     return build_payload(weights=model.state_dict(), optimizer=opt.state_dict(), hyperparameters=hp,
-                         tokenizer_json="{}", step=state.step, vocab_size=11, block_size=8, source="x",
-                         run_id="r", train_state=state.to_dict(), metrics=state.metrics(), batch_size=4)
+                         tokenizer_json="{}", step=state.step, vocab_size=11, block_size=8,
+                         source="x",
+                         run_id="r", train_state=state.to_dict(), metrics=state.metrics(),
+                         batch_size=4)
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
@@ -62,7 +66,8 @@ def test_resume_through_a_checkpoint_file_is_bit_exact(kind, tmp_path):
     opt_h = make_optimizer(half, cfg.train)
     state = TrainState.fresh(cfg.train)
     # the signal path: stop after step 12 of the 24-step plan, then save
-    state = train(half, opt_h, DATA, DATA, cfg.train, 8, "cpu", Callbacks(should_stop=lambda: state.step >= 12), state)
+    state = train(half, opt_h, DATA, DATA, cfg.train, 8, "cpu",
+                  Callbacks(should_stop=lambda: state.step >= 12), state)
     assert state.step == 12
     save_checkpoint(tmp_path / "c.pt", _payload(half, opt_h, state, cfg))
 
@@ -71,12 +76,14 @@ def test_resume_through_a_checkpoint_file_is_bit_exact(kind, tmp_path):
     model = model_from_checkpoint(ckpt).train()
     opt2 = make_optimizer(model, cfg.train)
     opt2.load_state_dict(ckpt["optimizer_state_dict"])
-    resumed = train(model, opt2, DATA, DATA, cfg.train, 8, "cpu", state=TrainState.from_dict(ckpt["train_state"]))
+    resumed = train(model, opt2, DATA, DATA, cfg.train, 8, "cpu",
+                    state=TrainState.from_dict(ckpt["train_state"]))
 
     assert _losses(state) + _losses(resumed) == _losses(ref)  # identical per-step losses
-    for (k, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+    for (k, a), b in zip(straight.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    for sa, sb in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+    for sa, sb in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values(),
+                      strict=True):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -84,13 +91,15 @@ def test_lr_after_resume_equals_uninterrupted_and_extensions_are_continuous():
     s = Schedule.fresh(100, 10, 1e-3, 1e-4)
     back = Schedule.from_dict(s.to_dict())
     assert all(back.lr_at(k) == s.lr_at(k) for k in range(100))
-    more = s.extended(60, 200)  # --steps 200: continue from the current LR, decay to the floor at 260
+    # --steps 200: continue from the current LR, decay to the floor at 260
+    more = s.extended(60, 200)
     assert more.lr_at(60) == pytest.approx(s.lr_at(60)) and more.lr_at(260) == pytest.approx(1e-4)
     assert all(more.lr_at(k + 1) <= more.lr_at(k) for k in range(60, 260))
     restart = s.extended(60, 40, lr=5e-4)  # --lr: restart from that peak
     assert restart.lr_at(60) == pytest.approx(5e-4)
     warm = s.extended(60, 40, warmup=10)  # --no-optimizer --warmup 10
-    assert warm.lr_at(60) == pytest.approx(s.lr_at(60) / 10) and warm.lr_at(69) == pytest.approx(s.lr_at(60))
+    assert warm.lr_at(60) == pytest.approx(s.lr_at(60)
+                                           / 10) and warm.lr_at(69) == pytest.approx(s.lr_at(60))
 
 
 def test_async_save_is_isolated_from_later_weight_changes(tmp_path):
@@ -101,7 +110,8 @@ def test_async_save_is_isolated_from_later_weight_changes(tmp_path):
     ck = Checkpointer(tmp_path, cfg.checkpoint, "r")
     assert ck.cfg.async_save
     expected = {k: v.clone() for k, v in model.state_dict().items()}
-    ck.save(tmp_path / "checkpoint_gpt_x_step0001_01012026_000000.pt", _payload(model, opt, state, cfg))
+    ck.save(tmp_path / "checkpoint_gpt_x_step0001_01012026_000000.pt",
+            _payload(model, opt, state, cfg))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # right after save() returns
@@ -136,7 +146,8 @@ def test_retention_keeps_last_best_milestones_and_protected(tmp_path):
 def test_keep_best_ranks_only_val_losses_measured_at_the_checkpoint_step(tmp_path):
     """A save on a signal carries the last evaluation's loss (val_step earlier than its step): it
     must not be kept as "best" for weights that were never evaluated."""
-    cfg = _cfg(**{"checkpoint.keep_last": 1, "checkpoint.keep_best": 1, "checkpoint.async": "false"})
+    cfg = _cfg(**{"checkpoint.keep_last": 1, "checkpoint.keep_best": 1,
+                  "checkpoint.async": "false"})
     model = _model("bigram")
     opt = make_optimizer(model, cfg.train)
     ck = Checkpointer(tmp_path, cfg.checkpoint, "r")
@@ -195,7 +206,8 @@ def test_missing_step_resolves_to_nearest_earlier(tmp_path, capsys):
     for step in (100, 200):
         state = TrainState.fresh(cfg.train)
         state.step = step
-        ck.save(tmp_path / f"checkpoint_bigram_x_step{step:04d}_01012026_000000.pt", _payload(model, opt, state, cfg))
+        ck.save(tmp_path / f"checkpoint_bigram_x_step{step:04d}_01012026_000000.pt",
+                _payload(model, opt, state, cfg))
     assert "step0100" in resolve_checkpoint("latest", tmp_path, step=150).name
     assert "no checkpoint at step 150; using step 100" in capsys.readouterr().err
     with pytest.raises(UserError, match="available steps: 100, 200"):
@@ -213,11 +225,13 @@ def test_incompatible_or_broken_optimizer_state_is_refused(tmp_path):
     broken = copy.deepcopy(opt.state_dict())  # state_dict() shares the optimizer's own state dicts
     broken["state"][0]["exp_avg"] = torch.zeros(3, 3)
     with pytest.raises(UserError, match=r"has shape \(3, 3\).*--no-optimizer --warmup K"):
-        check_optimizer_state({"optimizer_state_dict": broken}, make_optimizer(model, cfg.train), "c.pt")
+        check_optimizer_state({"optimizer_state_dict": broken}, make_optimizer(model, cfg.train),
+                              "c.pt")
     nan = copy.deepcopy(opt.state_dict())
     nan["state"][1]["exp_avg_sq"] = nan["state"][1]["exp_avg_sq"].clone().fill_(math.nan)
     with pytest.raises(UserError, match="NaN or Inf"):
-        check_optimizer_state({"optimizer_state_dict": nan}, make_optimizer(model, cfg.train), "c.pt")
+        check_optimizer_state({"optimizer_state_dict": nan}, make_optimizer(model, cfg.train),
+                              "c.pt")
     with pytest.raises(UserError, match="no optimizer state"):
         check_optimizer_state({}, make_optimizer(model, cfg.train), "c.pt")
 

@@ -39,7 +39,8 @@ def trained(project):
 def new_letters(project, name="new_data.md"):
     """New text in the corpus's own characters, so the char tokenizer can encode it."""
     f = project / name
-    f.write_text("## About the hedge\n\nDear Agnes, the hedge is too tall. " * 30 + "\n\n## About the kettle\n\nDear Agnes, my kettle "
+    f.write_text("## About the hedge\n\nDear Agnes, the hedge is too tall. " * 30
+                 + "\n\n## About the kettle\n\nDear Agnes, my kettle "
                  "sings to the neighbour's parrot. " * 30 + "\n", encoding="utf-8")
     return f
 
@@ -47,15 +48,18 @@ def new_letters(project, name="new_data.md"):
 def test_resume_continues_on_its_own_data_after_other_data_was_prepared(project, trained, capsys):
     first = load(trained)
     own_fp = first["hyperparameters"]["data"]["fingerprint"]
-    assert own_fp == prepared_meta(project)["fingerprint"] and first["hyperparameters"]["data"]["source"] == "data/corpus.md"
+    assert own_fp == prepared_meta(project)["fingerprint"]
+    assert first["hyperparameters"]["data"]["source"] == "data/corpus.md"
 
-    new_letters(project)  # the guide's training_resume.py on new data: data/prepared now holds new_data
+    # the guide's training_resume.py on new data: data/prepared now holds new_data
+    new_letters(project)
     assert main(["resume", "--checkpoint", str(trained), "--source", "new_data.md", "--steps", "5",
                  *NO_LOGGED_MODELS]) == 0
     on_new = ckpts(project / "checkpoints", "checkpoint_gpt_new_data_step0025_*.pt")
     assert len(on_new) == 1  # named after the new source
     hp = load(on_new[0])["hyperparameters"]["data"]
-    assert hp["source"] == "new_data.md" and hp["fingerprint"] == prepared_meta(project)["fingerprint"] != own_fp
+    assert hp["source"] == "new_data.md"
+    assert hp["fingerprint"] == prepared_meta(project)["fingerprint"] != own_fp
 
     capsys.readouterr()
     assert main(["resume", "--checkpoint", str(trained), "--steps", "5", *NO_LOGGED_MODELS]) == 0
@@ -76,7 +80,8 @@ def test_resume_refuses_when_its_data_is_gone_or_changed(project, trained, capsy
     corpus.write_text(corpus.read_text() + "\n## One more\n\nDear Agnes, one more letter.\n")
     assert main(["resume", "--checkpoint", str(trained), "--steps", "5"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "has changed since the checkpoint was written" in err and "--source data/corpus.md" in err
+    assert "has changed since the checkpoint was written" in err
+    assert "--source data/corpus.md" in err
     assert len(err.splitlines()) == 1
 
     corpus.rename(project / "elsewhere.md")
@@ -86,7 +91,8 @@ def test_resume_refuses_when_its_data_is_gone_or_changed(project, trained, capsy
     assert sorted(p.name for p in (project / "checkpoints").iterdir()) == before  # nothing written
 
 
-def test_guide_mode_resume_without_variables_shows_the_plan_and_trains_nothing(project, trained, monkeypatch,
+def test_guide_mode_resume_without_variables_shows_the_plan_and_trains_nothing(project, trained,
+                                                                               monkeypatch,
                                                                                 capsys):
     before = ckpts(project / "checkpoints")
     monkeypatch.setenv("CHECKPOINT_PATH", "checkpoints/checkpoint_gpt_corpus_step0020_*.pt")
@@ -134,49 +140,66 @@ def test_imported_nanogpt_checkpoint_resumes_with_a_fresh_training_state(project
     capsys.readouterr()
 
     assert main(["resume", "--checkpoint", str(path), "--steps", "4", "--source", "mine.txt"]) == 2
-    assert "no training state (imported from nanogpt); resume it with a fresh optimizer" in capsys.readouterr().err
-    assert main(["resume", "--checkpoint", str(path), "--steps", "4", "--no-optimizer"]) == 2
-    assert "its training data 'shakespeare_char' is not here any more; pass --source" in capsys.readouterr().err
-
-    assert main(["resume", "--checkpoint", str(path), "--steps", "4", "--no-optimizer", "--warmup", "2",
-                 "--source", "mine.txt", "-S", "checkpoint.dir=checkpoints", *NO_LOGGED_MODELS]) == 0
     err = capsys.readouterr().err
-    assert "has no training state: starting a fresh one at step 250" in err and "2-step learning-rate" in err
+    assert "no training state (imported from nanogpt); resume it with a fresh optimizer" in err
+    assert main(["resume", "--checkpoint", str(path), "--steps", "4", "--no-optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert "its training data 'shakespeare_char' is not here any more; pass --source" in err
+
+    assert main(["resume", "--checkpoint", str(path), "--steps", "4", "--no-optimizer", "--warmup",
+                 "2",
+                 "--source", "mine.txt", "-S", "checkpoint.dir=checkpoints",
+                 *NO_LOGGED_MODELS]) == 0
+    err = capsys.readouterr().err
+    assert "has no training state: starting a fresh one at step 250" in err
+    assert "2-step learning-rate" in err
     out = load(ckpts(project / "checkpoints", "checkpoint_gpt_mine_step0254_*.pt")[0])
-    schedule = out["train_state"]["schedule"]  # from nanoGPT's own plan (5000 iters, warmup 100, lr 1e-3)
+    # from nanoGPT's own plan (5000 iters, warmup 100, lr 1e-3)
+    schedule = out["train_state"]["schedule"]
     assert (schedule["start"], schedule["warmup"], schedule["end"]) == (250, 2, 254)
     assert schedule["peak"] == pytest.approx(Schedule.fresh(5000, 100, 1e-3, 1e-4).lr_at(250))
     assert out["hyperparameters"]["data"]["source"] == "mine.txt"
     assert set(out["optimizer_state_dict"]["state"])  # the new optimizer took steps
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
-    assert mlflow.get_run(out["run_id"]).data.params["model.n_embd"] == "8"  # a new run, with its params
+    # a new run, with its params
+    assert mlflow.get_run(out["run_id"]).data.params["model.n_embd"] == "8"
 
 
 def test_settings_that_do_nothing_are_named(tmp_path):
     cfg = load_config(None, ["model.type=bigram", "model.n_layer=3", "tokenizer.vocab_size=400"],
                       env={"CHECKPOINT_INTERVAL": "50", "ENABLE_CHECKPOINTS": "false"})
-    lines = inert_settings(cfg, ["model.type=bigram", "model.n_layer=3", "tokenizer.vocab_size=400"],
-                           env={"CHECKPOINT_INTERVAL": "50", "ENABLE_CHECKPOINTS": "false", "GPT2_MODEL_NAME": "gpt2"})
+    lines = inert_settings(cfg,
+                           ["model.type=bigram", "model.n_layer=3", "tokenizer.vocab_size=400"],
+                           env={"CHECKPOINT_INTERVAL": "50", "ENABLE_CHECKPOINTS": "false",
+                                "GPT2_MODEL_NAME": "gpt2"})
     assert any(ln.startswith("GPT2_MODEL_NAME=gpt2 has no effect") for ln in lines)
-    assert any(ln.startswith("model.n_layer (from -S) has no effect: model.type is bigram") for ln in lines)
-    assert any(ln.startswith("tokenizer.vocab_size (from -S) has no effect: tokenizer.kind is char") for ln in lines)
-    assert any("checkpoint.interval (from environment variable CHECKPOINT_INTERVAL)" in ln for ln in lines)
+    assert any(ln.startswith("model.n_layer (from -S) has no effect: model.type is bigram") for ln
+               in lines)
+    inert = "tokenizer.vocab_size (from -S) has no effect: tokenizer.kind is char"
+    assert any(ln.startswith(inert) for ln in lines)
+    assert any("checkpoint.interval (from environment variable CHECKPOINT_INTERVAL)" in ln for ln
+               in lines)
     assert len(lines) == 4
-    useful = load_config(None, ["model.n_layer=3", "tokenizer.kind=bpe", "tokenizer.vocab_size=400"], env={})
-    assert inert_settings(useful, ["model.n_layer=3", "tokenizer.kind=bpe", "tokenizer.vocab_size=400"], env={}) == []
+    useful = load_config(None,
+                         ["model.n_layer=3", "tokenizer.kind=bpe", "tokenizer.vocab_size=400"],
+                         env={})
+    assert inert_settings(useful,
+                          ["model.n_layer=3", "tokenizer.kind=bpe", "tokenizer.vocab_size=400"],
+                          env={}) == []
 
 
 def test_cli_warns_once_for_an_ignored_setting(project, monkeypatch, capsys):
     monkeypatch.setenv("GPT2_MODEL_NAME", "gpt2-medium")
     assert main(["config"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["lmpipe: warning: GPT2_MODEL_NAME=gpt2-medium has no effect: it chooses the pretrained model "
-                   "for MODEL_TYPE=gpt2, which lmpipe cannot train yet"]
+    assert err == ["lmpipe: warning: GPT2_MODEL_NAME=gpt2-medium has no effect: it chooses the "
+                   "pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot train yet"]
 
 
 def test_resume_names_settings_it_ignores(project, trained, capsys):
     capsys.readouterr()
-    assert main(["resume", "--checkpoint", str(trained), "--steps", "2", "--dry-run", "-S", "train.lr=0.5"]) == 0
+    assert main(["resume", "--checkpoint", str(trained), "--steps", "2", "--dry-run", "-S",
+                 "train.lr=0.5"]) == 0
     err = capsys.readouterr().err
     assert "train.lr (from -S) has no effect on a resume" in err and "--steps N / --lr X" in err
 
@@ -194,13 +217,16 @@ def save_nanochat_with_tokenizer(base):
     for word in (b"e ", b"th", b"the", b" t", b"De", b"Dea", b"ar", b"es"):
         ranks[word] = len(ranks)
     special = {"<|bos|>": len(ranks)}
-    pattern = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    pattern = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}"""
+               r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
-    class Encoding:  # pickles like tiktoken.core.Encoding: its class by name, then __getstate__'s dict
+    # pickles like tiktoken.core.Encoding: its class by name, then __getstate__'s dict
+    class Encoding:
         __module__, __qualname__ = "tiktoken.core", "Encoding"
 
         def __getstate__(self):
-            return {"name": "rustbpe", "pat_str": pattern, "mergeable_ranks": ranks, "special_tokens": special}
+            return {"name": "rustbpe", "pat_str": pattern, "mergeable_ranks": ranks,
+                    "special_tokens": special}
 
     fake = types.ModuleType("tiktoken.core")
     fake.Encoding = Encoding
@@ -213,17 +239,22 @@ def save_nanochat_with_tokenizer(base):
         del sys.modules["tiktoken"], sys.modules["tiktoken.core"]
     (base / "tokenizer").mkdir(parents=True)
     (base / "tokenizer" / "tokenizer.pkl").write_bytes(blob)
-    cfg = {"sequence_len": 16, "vocab_size": len(ranks) + 1, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 8}
+    cfg = {"sequence_len": 16, "vocab_size": len(ranks) + 1, "n_layer": 2, "n_head": 2,
+           "n_kv_head": 1, "n_embd": 8}
     torch.manual_seed(3)
-    model = build_model({"type": "nanochat", "vocab_size": cfg["vocab_size"], "block_size": 16, "n_layer": 2,
+    model = build_model({"type": "nanochat", "vocab_size": cfg["vocab_size"], "block_size": 16,
+                         "n_layer": 2,
                          "n_head": 2, "n_kv_head": 1, "n_embd": 8})
     for p in model.parameters():  # nanochat zero-inits its head: give it something to say
         torch.nn.init.normal_(p, std=0.3)
     d = base / "base_checkpoints" / "d2"
     d.mkdir(parents=True)
-    torch.save({k: t.to(torch.bfloat16) for k, t in model.state_dict().items()}, d / "model_000400.pt")
-    (d / "meta_000400.json").write_text(json.dumps({"step": 400, "val_bpb": 1.2, "model_config": cfg,
-                                                    "user_config": {"depth": 2}, "device_batch_size": 4}))
+    torch.save({k: t.to(torch.bfloat16) for k, t in model.state_dict().items()},
+               d / "model_000400.pt")
+    (d / "meta_000400.json").write_text(json.dumps({"step": 400, "val_bpb": 1.2,
+                                                    "model_config": cfg,
+                                                    "user_config": {"depth": 2},
+                                                    "device_batch_size": 4}))
     return d
 
 
@@ -233,20 +264,25 @@ def test_imported_nanochat_checkpoint_generates_and_resumes(project, capsys):
     path = ckpts(project / "imported")[0]
     assert path.name.startswith("checkpoint_nanochat_d2_step0400_")
     capsys.readouterr()
-    assert main(["generate", "--checkpoint", str(path), "--prompt", "Dear Agnes, the", "--max-new-tokens", "12"]) == 0
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "Dear Agnes, the",
+                 "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("Dear Agnes, the")
     ckpt = load(path)
     from lmpipe.tokenizer import from_json
 
     tok = from_json(ckpt["tokenizer"])
     assert tok.decode(tok.encode("Dear Agnes, the hedge!")) == "Dear Agnes, the hedge!"
-    assert tok.encode("the") == [258] and len(tok.encode("Dear")) == 2  # merged by rank: "Dea" + "r"
+    # merged by rank: "Dea" + "r"
+    assert tok.encode("the") == [258] and len(tok.encode("Dear")) == 2
 
-    assert main(["resume", "--checkpoint", str(path), "--steps", "3", "--no-optimizer", "--warmup", "1",
-                 "--source", "data/corpus.md", "-S", "checkpoint.dir=checkpoints", *NO_LOGGED_MODELS]) == 0
+    assert main(["resume", "--checkpoint", str(path), "--steps", "3", "--no-optimizer", "--warmup",
+                 "1",
+                 "--source", "data/corpus.md", "-S", "checkpoint.dir=checkpoints",
+                 *NO_LOGGED_MODELS]) == 0
     out = load(ckpts(project / "checkpoints", "checkpoint_nanochat_corpus_step0403_*.pt")[0])
     assert out["hyperparameters"]["model"]["n_kv_head"] == 1 and out["train_state"]["step"] == 403
-    assert not torch.equal(out["model_state_dict"]["lm_head.weight"], ckpt["model_state_dict"]["lm_head.weight"])
+    assert not torch.equal(out["model_state_dict"]["lm_head.weight"],
+                           ckpt["model_state_dict"]["lm_head.weight"])
 
 
 def test_nanochat_import_refuses_a_later_architecture_and_a_foreign_pickle(project, capsys):
@@ -255,21 +291,23 @@ def test_nanochat_import_refuses_a_later_architecture_and_a_foreign_pickle(proje
     torch.save({**state, "resid_lambdas": torch.ones(2)}, d / "model_000400.pt")
     assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 2
     err = capsys.readouterr().err
-    assert "has tensors it does not have: resid_lambdas" in err and not (project / "imported").exists()
+    assert "has tensors it does not have: resid_lambdas" in err and not (project
+                                                                         / "imported").exists()
     import pickle
 
-    (project / "nanochat" / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(ValueError("x")))
+    (project / "nanochat" / "tokenizer"
+     / "tokenizer.pkl").write_bytes(pickle.dumps(ValueError("x")))
     torch.save(state, d / "model_000400.pt")
     assert main(["ckpt", "import", str(d / "model_000400.pt"), "--out", "imported"]) == 2
-    assert "expected a pickled tiktoken Encoding, but the pickle references builtins.ValueError" in \
-        capsys.readouterr().err
+    assert ("expected a pickled tiktoken Encoding, but the pickle references builtins.ValueError"
+            in capsys.readouterr().err)
 
 
 def test_a_per_model_default_for_another_model_type_is_named():
     overrides = ["by_model.bigram.train.lr=0.2"]
     lines = inert_settings(load_config(None, overrides, env={}), overrides, env={})
-    assert lines == ["by_model.bigram.train.lr (from -S) has no effect: model.type is gpt; it applies when "
-                     "model.type is bigram"]
+    assert lines == ["by_model.bigram.train.lr (from -S) has no effect: model.type is gpt; it "
+                     "applies when model.type is bigram"]
     assert inert_settings(load_config(None, [*overrides, "model.type=bigram"], env={}),
                           [*overrides, "model.type=bigram"], env={}) == []
 
@@ -300,8 +338,10 @@ def test_verify_checks_an_imported_nanochat_model_against_its_architecture(proje
     path = ckpts(project / "imported")[0]
     assert main(["ckpt", "verify", str(path)]) == 0
     ckpt = load(path)
-    ckpt["hyperparameters"]["model"]["n_kv_head"] = 2  # declares 2 key/value heads; the weights have 1
+    # declares 2 key/value heads; the weights have 1
+    ckpt["hyperparameters"]["model"]["n_kv_head"] = 2
     torch.save(ckpt, project / "imported" / "edited.pt")
     capsys.readouterr()
     assert main(["ckpt", "verify", str(project / "imported" / "edited.pt")]) == 1
-    assert "transformer.h.0.attn.c_k.weight: checkpoint (4, 8), model (8, 8)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_k.weight: checkpoint (4, 8), model (8, 8)" in out

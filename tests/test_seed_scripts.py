@@ -25,8 +25,11 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     api = {"PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's server, for the subprocesses
-    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("enabled: true", "enabled: false"))
-    r = script("training.py", project, ENABLE_CHECKPOINTS="true", CHECKPOINT_INTERVAL="5", TRAINING_STEPS="15",
+    (project / "params.yaml").write_text((project
+                                          / "params.yaml").read_text().replace("enabled: true",
+                                                                               "enabled: false"))
+    r = script("training.py", project, ENABLE_CHECKPOINTS="true", CHECKPOINT_INTERVAL="5",
+               TRAINING_STEPS="15",
                MODEL_TYPE="gpt", **api)
     assert r.returncode == 0, r.stderr[-3000:]
     assert steps_in(project / "checkpoints") == [5, 10, 15]
@@ -37,18 +40,23 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
     pattern = "checkpoints/checkpoint_gpt_corpus_step0015_*.pt"  # a glob, as in the guide
     r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="inference",
                PROMPT="Dear Agnes,", MAX_NEW_TOKENS="25", DEVICE="cpu")
-    assert r.returncode == 0 and r.stdout.startswith("Dear Agnes,") and len(r.stdout.rstrip("\n")) >= 25
-    r = script("load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="inference")  # the guide's root form
+    assert r.returncode == 0 and r.stdout.startswith("Dear Agnes,")
+    assert len(r.stdout.rstrip("\n")) >= 25
+    # the guide's root form
+    r = script("load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="inference")
     assert r.returncode == 0 and r.stdout.strip()
 
-    r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="resume")  # guide: "inspect"
+    # guide: "inspect"
+    r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "from step 15 to step 5015" in r.stdout and f"python3 {REPO}/scripts/load_checkpoint.py" in r.stdout
+    assert "from step 15 to step 5015" in r.stdout
+    assert f"python3 {REPO}/scripts/load_checkpoint.py" in r.stdout
     assert steps_in(project / "checkpoints") == [5, 10, 15]  # nothing trained
     r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH=pattern, MODE="resume",
                RESUME_TRAINING_STEPS="10", RESUME_LEARNING_RATE="0.002")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "model gpt (n_layer=1, n_head=2, n_embd=16), step 15" in r.stderr  # shown before resuming
+    # shown before resuming
+    assert "model gpt (n_layer=1, n_head=2, n_embd=16), step 15" in r.stderr
     assert steps_in(project / "checkpoints")[-1] == 25
     resumed = torch.load(next((project / "checkpoints").glob("*step0025_*.pt")), weights_only=True)
     first = torch.load(next((project / "checkpoints").glob("*step0015_*.pt")), weights_only=True)
@@ -58,7 +66,8 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
     val = mlflow.MlflowClient().get_metric_history(first["run_id"], "val_loss")
     assert max(m.step for m in val) == 25
 
-    (project / "new_letters.md").write_text("Dear Agnes, my kettle sings. " * 40 + "\n\nDear Agnes, the hedge. " * 40)
+    (project / "new_letters.md").write_text("Dear Agnes, my kettle sings. " * 40
+                                            + "\n\nDear Agnes, the hedge. " * 40)
     r = script("training_resume.py", project, CHECKPOINT_PATH="checkpoints/*step0025_*.pt",
                TRAINING_DATA_SOURCE="new_letters.md", RESUME_TRAINING_STEPS="5")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -67,7 +76,8 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
 
 
 def test_seed_troubleshooting_messages(project):
-    r = script("scripts/load_checkpoint.py", project, CHECKPOINT_PATH="checkpoints/checkpoint_bigram_x_step5000_1.pt",
+    r = script("scripts/load_checkpoint.py", project,
+               CHECKPOINT_PATH="checkpoints/checkpoint_bigram_x_step5000_1.pt",
                MODE="inference")
     assert_user_error(r, "Checkpoint not found: checkpoints/checkpoint_bigram_x_step5000_1.pt",
                       "ENABLE_CHECKPOINTS=true", "lmpipe ckpt list")

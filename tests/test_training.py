@@ -11,8 +11,10 @@ from models import build_model
 
 
 def _cfg(*extra):
-    return load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=0.01", "train.min_lr=0.001",
-                              "train.batch_size=8", "train.eval_interval=50", "train.eval_batches=2", *extra],
+    return load_config(None, ["train.steps=100", "train.warmup_steps=10", "train.lr=0.01",
+                              "train.min_lr=0.001",
+                              "train.batch_size=8", "train.eval_interval=50",
+                              "train.eval_batches=2", *extra],
                        env={}).train
 
 
@@ -32,7 +34,8 @@ def _run(cfg, seed=0):
     opt = make_optimizer(model, cfg)
     saved = []
     state = train(model, opt, data, data, cfg, 8, "cpu",
-                  Callbacks(should_save=lambda s: s % 40 == 0, on_save=lambda s, st: saved.append(s)))
+                  Callbacks(should_save=lambda s: s % 40 == 0, on_save=lambda s,
+                            st: saved.append(s)))
     return model, state, saved
 
 
@@ -43,7 +46,8 @@ def test_training_learns_and_is_deterministic():
     losses = [h["train_loss"] for h in s1.history if "train_loss" in h]
     assert losses[-1] < losses[0] * 0.5
     assert saved == [40, 80, 100]  # every interval, and always the final step
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for a,
+               b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
     assert s1.best_val_loss <= s1.last_val_loss
 
 

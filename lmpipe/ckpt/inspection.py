@@ -270,8 +270,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def diff(a: View, b: View) -> dict[str, Any]:
     """Hyperparameter differences, tensors added/removed/reshaped, and per-tensor weight-change
-    norms
-    (‖B−A‖, relative to ‖A‖, and the largest absolute change)."""
+    norms (‖B−A‖, relative to ‖A‖, and the largest absolute change)."""
     fa = flatten({"architecture": a.arch, "step": a.step, **a.hyperparameters})
     fb = flatten({"architecture": b.arch, "step": b.step, **b.hyperparameters})
     params = [{"key": k, "a": fa.get(k),

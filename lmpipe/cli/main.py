@@ -10,20 +10,25 @@ STAGES = ("prepare", "tokenizer", "train", "evaluate", "generate", "register")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a params.yaml value (same syntax as 'dvc exp run -S'); repeatable")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE",
+                   help="override a params.yaml value (same syntax as 'dvc exp run -S'); "
+                        "repeatable")
     p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmpipe",
-        description="Train small GPT-style language models on your own text, with checkpoints you can trust.",
-        epilog="Settings come from params.yaml; environment variables (ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, "
-               "CHECKPOINT_DIR, MODEL_TYPE, TRAINING_STEPS, TRAINING_DATA_SOURCE, DEVICE) and -S override it.")
+        description="Train small GPT-style language models on your own text, with checkpoints you "
+                    "can trust.",
+        epilog="Settings come from params.yaml; environment variables (ENABLE_CHECKPOINTS, "
+               "CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE, TRAINING_STEPS, "
+               "TRAINING_DATA_SOURCE, DEVICE) and -S override it.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (ephemeral local server)")
+    p = sub.add_parser("run",
+                       help="run the whole pipeline as a Prefect flow (ephemeral local server)")
     _add_config_args(p)
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml's stages call)")
@@ -31,29 +36,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("resume", help="resume training from a checkpoint",
-                       description="Without --steps, training continues to the run's planned total, bit-exact "
-                                   "with an uninterrupted run. --steps N trains N more steps, the cosine decay "
-                                   "continuing from the checkpoint's LR down to train.min_lr at the new end; "
-                                   "--lr X restarts that decay from peak X. Without --source, training "
-                                   "continues on the checkpoint's own data (found by its recorded source and "
-                                   "checked against its fingerprint). A checkpoint without a training state "
-                                   "(imported with 'lmpipe ckpt import') resumes with --no-optimizer.")
-    p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default): the newest "
-                                                          "checkpoint in checkpoint.dir that verifies")
-    p.add_argument("--step", type=int, default=None, help="with 'latest': that step, or the nearest earlier one")
+                       description="Without --steps, training continues to the run's planned "
+                                   "total, bit-exact with an uninterrupted run. --steps N trains "
+                                   "N more steps, the cosine decay continuing from the "
+                                   "checkpoint's LR down to train.min_lr at the new end; --lr X "
+                                   "restarts that decay from peak X. Without --source, training "
+                                   "continues on the checkpoint's own data (found by its recorded "
+                                   "source and checked against its fingerprint). A checkpoint "
+                                   "without a training state (imported with 'lmpipe ckpt import') "
+                                   "resumes with --no-optimizer.")
+    p.add_argument("--checkpoint", default="latest",
+                   help="PATH, a glob, or 'latest' (default): the newest "
+                                                          "checkpoint in checkpoint.dir that "
+                                                          "verifies")
+    p.add_argument("--step", type=int, default=None,
+                   help="with 'latest': that step, or the nearest earlier one")
     p.add_argument("--steps", type=int, default=None, help="train N more steps past the checkpoint")
-    p.add_argument("--lr", type=float, default=None, help="restart the schedule from this peak learning rate")
-    p.add_argument("--source", default=None, help="continue on new data (a .md/.txt file or directory)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="restart the schedule from this peak learning rate")
+    p.add_argument("--source", default=None,
+                   help="continue on new data (a .md/.txt file or directory)")
     p.add_argument("--no-optimizer", action="store_true",
                    help="start a fresh optimizer (skip saved optimizer state) with an LR re-warmup")
-    p.add_argument("--warmup", type=int, default=None, help="re-warmup steps (default with --no-optimizer: 100)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="re-warmup steps (default with --no-optimizer: 100)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (steps, learning rate, data, optimizer) and the command that starts "
-                        "it; train nothing")
+                   help="print the plan (steps, learning rate, data, optimizer) and the command "
+                        "that starts it; train nothing")
     _add_config_args(p)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", default="latest", help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
+    p.add_argument("--checkpoint", default="latest",
+                   help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
     p.add_argument("--prompt", default=None)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def guarded(fn) -> int:
-    """Run a command: offline defaults on; a UserError becomes its one-line message and exit code."""
+    """Run a command: offline defaults on; a UserError becomes its one-line message and exit
+    code."""
     from lmpipe.common.env import apply_offline_defaults
     from lmpipe.common.errors import UserError
 
@@ -123,12 +138,14 @@ def cmd_stage(args) -> int:
     cfg = _config(args)
     for var, keys in ENV_VARS.items():  # stages are what dvc.yaml runs: DVC tracks params.yaml only
         if os.environ.get(var):
-            warn(f"{var}={os.environ[var]} overrides {', '.join(keys)} from params.yaml, but DVC does not "
-                 f"track environment variables; prefer 'dvc exp run -S {keys[0]}=...'")
+            warn(f"{var}={os.environ[var]} overrides {', '.join(keys)} from params.yaml, but DVC "
+                 f"does not track environment variables; prefer 'dvc exp run -S {keys[0]}=...'")
     fn = {"prepare": stages.prepare, "tokenizer": stages.build_tokenizer, "train": stages.train,
-          "evaluate": stages.evaluate, "generate": stages.generate, "register": stages.register}[args.name]
+          "evaluate": stages.evaluate, "generate": stages.generate,
+          "register": stages.register}[args.name]
     result = fn(cfg, entry="dvc") if args.name == "train" else fn(cfg)
-    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in result.items() if k not in ("text", "checkpoints")))
+    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k,
+                                       v in result.items() if k not in ("text", "checkpoints")))
     return 0
 
 
@@ -146,12 +163,14 @@ def cmd_resume(args) -> int:
     _check_resume_flags(args)
     path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
     require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
-    warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer else 0)
+    warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer
+                                                          else 0)
     resume = resuming.Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
     ckpt = load_checkpoint(path, mmap=True)
     resuming.plan(ckpt, resume)  # everything is checked before anything is written
     _warn_ignored_on_resume(args)
-    if any(key.startswith("model.") for key in _explicit(args)):  # an architecture asked for explicitly
+    # an architecture asked for explicitly
+    if any(key.startswith("model.") for key in _explicit(args)):
         resuming.check_architecture(ckpt, cfg.model, path, "lmpipe resume")
     if args.source:
         resuming.check_new_source(ckpt, args.source, cfg.data.val_fraction, cfg.data.seed)
@@ -167,8 +186,8 @@ def cmd_resume(args) -> int:
     if choice.prepare:
         stages.prepare(cfg)
     info = stages.train(cfg, entry="cli", resume=resume)
-    print(f"resumed from {path}; trained to step {info['step']}; final checkpoint {info['checkpoint']}; "
-          f"MLflow run {info['run_id']}")
+    print(f"resumed from {path}; trained to step {info['step']}; final checkpoint "
+          f"{info['checkpoint']}; MLflow run {info['run_id']}")
     return 0
 
 
@@ -193,13 +212,14 @@ def _warn_ignored_on_resume(args) -> None:
     each one the user set, with the flag that does what they meant."""
     from lmpipe.common.errors import warn
 
-    instead = {"train": "--steps N / --lr X", "tokenizer": "nothing (the checkpoint's tokenizer is kept)",
+    instead = {"train": "--steps N / --lr X",
+               "tokenizer": "nothing (the checkpoint's tokenizer is kept)",
                "data": "--source PATH"}
     for key, where in _explicit(args).items():
         section = key.split(".", 1)[0]
         if section in instead and key != "train.device" and not (section == "data" and args.source):
-            warn(f"{key} (from {where}) has no effect on a resume, which keeps the checkpoint's {section} "
-                 f"settings; use {instead[section]}")
+            warn(f"{key} (from {where}) has no effect on a resume, which keeps the checkpoint's "
+                 f"{section} settings; use {instead[section]}")
 
 
 def resume_command(path: Path, args) -> str:
@@ -238,11 +258,16 @@ def summary(r: dict) -> str:
 
     t, reg = r["train"], r["registered"]
     lines = ["", "=" * 72, "lmpipe run finished",
-             f"  checkpoints:      {t['checkpoint_dir']}/ ({len(t['checkpoints'])} saved; final: {Path(t['checkpoint']).name})",
-             f"  MLflow run:       {t['run_id']} (experiment {t['experiment_id']}, store {tracking.tracking_uri()})",
+             f"  checkpoints:      {t['checkpoint_dir']}/ ({len(t['checkpoints'])} saved; final: "
+             f"{Path(t['checkpoint']).name})",
+             f"  MLflow run:       {t['run_id']} (experiment {t['experiment_id']}, store "
+             f"{tracking.tracking_uri()})",
              f"  open the UI:      {tracking.ui_hint()}",
-             f"  registered model: {reg['uri']}" if reg.get("uri") else "  registered model: (registration off)",
-             "  metrics:          " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss", "perplexity", "bits_per_byte")),
+             f"  registered model: {reg['uri']}" if reg.get("uri")
+             else "  registered model: (registration off)",
+             "  metrics:          " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss",
+                                                                                       "perplexity",
+                                                                                       "bits_per_byte")),
              "  sample:", "", r["sample"]["text"], "=" * 72]
     return "\n".join(lines)
 
@@ -259,7 +284,8 @@ def cmd_generate(args) -> int:
     device = pick_device(args.device or g.device)
     ckpt, model, tok = load_for_inference(path, device)
     pick = lambda a, d: d if a is None else a  # noqa: E731
-    text = generate_text(model, tok, pick(args.prompt, g.prompt), pick(args.max_new_tokens, g.max_new_tokens),
+    text = generate_text(model, tok, pick(args.prompt, g.prompt),
+                         pick(args.max_new_tokens, g.max_new_tokens),
                          pick(args.temperature, g.temperature), pick(args.top_k, g.top_k),
                          pick(args.seed, g.seed), device)
     print(f"[{path.name}, step {ckpt['step']}, {device}]", file=sys.stderr)

@@ -1,14 +1,17 @@
-"""The seed guide's scripts, as thin wrappers over the lmpipe commands (README: "The seed guides' commands").
+"""The seed guide's scripts, as thin wrappers over the lmpipe commands (README: "The seed guides'
+commands").
 
-    python3 training.py                  → lmpipe run   (ENABLE_CHECKPOINTS defaults to false, as in the guide)
-    python3 scripts/load_checkpoint.py   → MODE=inference: lmpipe generate; MODE=resume: lmpipe resume
+    python3 training.py                  → lmpipe run   (ENABLE_CHECKPOINTS defaults to false,
+                                           as in the guide)
+    python3 scripts/load_checkpoint.py   → MODE=inference: lmpipe generate;
+                                           MODE=resume: lmpipe resume
     python3 training_resume.py           → lmpipe resume --source $TRAINING_DATA_SOURCE
 
-Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob; the newest
-match), MODE, PROMPT (""), MAX_NEW_TOKENS (300), SEED (generate.seed), DEVICE (auto),
-RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4; MODE=resume trains only when one of the two
-is set, else it shows the plan), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE,
-TRAINING_STEPS and TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
+Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob; the
+newest match), MODE, PROMPT (""), MAX_NEW_TOKENS (300), SEED (generate.seed), DEVICE (auto),
+RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4; MODE=resume trains only when one of the
+two is set, else it shows the plan), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR,
+MODEL_TYPE, TRAINING_STEPS and TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-LOAD_CHECKPOINT_HELP = """usage: [VARIABLE=VALUE ...] python3 scripts/load_checkpoint.py   (or ./load_checkpoint.py)
+LOAD_CHECKPOINT_HELP = ("usage: [VARIABLE=VALUE ...] python3 scripts/load_checkpoint.py   "
+                        "(or ./load_checkpoint.py)") + """
 
   CHECKPOINT_PATH=PATH|GLOB MODE=inference [PROMPT=...] [MAX_NEW_TOKENS=300] [SEED=N] [DEVICE=auto]
       generate text (lmpipe generate); SEED draws a different sample (default: generate.seed)
@@ -40,15 +44,17 @@ def ensure_dependencies(script: str) -> None:
     if importlib.util.find_spec("torch") is not None:
         return
     venv = REPO / ".venv" / "bin" / "python"
-    if venv.exists() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():  # not already in it
+    # not already in it
+    if venv.exists() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
         os.execv(str(venv), [str(venv), script, *sys.argv[1:]])
-    sys.exit(f"lmpipe: error: {sys.executable} lacks lmpipe's dependencies (torch, ...); run 'make setup' "
-             "to create .venv, or 'pip install -e .'")
+    sys.exit(f"lmpipe: error: {sys.executable} lacks lmpipe's dependencies (torch, ...); run 'make "
+             "setup' to create .venv, or 'pip install -e .'")
 
 
 def main(script: str) -> int:
     if {"-h", "--help"} & set(sys.argv[1:]):
-        print(LOAD_CHECKPOINT_HELP if script == "load_checkpoint" else (sys.modules["__main__"].__doc__ or "").strip())
+        print(LOAD_CHECKPOINT_HELP if script == "load_checkpoint"
+              else (sys.modules["__main__"].__doc__ or "").strip())
         return 0
     ensure_dependencies(sys.argv[0])
     from lmpipe.cli.main import guarded
@@ -65,8 +71,10 @@ def training() -> int:
     overrides = []
     if os.environ.get("ENABLE_CHECKPOINTS", "") == "":
         overrides = ["-S", "checkpoint.enabled=false"]
-        print("lmpipe: periodic checkpoints are off (the guide's default); set ENABLE_CHECKPOINTS=true "
-              "to save every CHECKPOINT_INTERVAL steps. The final checkpoint is always saved.", file=sys.stderr)
+        print("lmpipe: periodic checkpoints are off (the guide's default); set "
+              "ENABLE_CHECKPOINTS=true to save every CHECKPOINT_INTERVAL steps. The final "
+              "checkpoint is always saved.",
+              file=sys.stderr)
     return lmpipe(["run", *overrides])
 
 
@@ -79,8 +87,8 @@ def _env_number(name: str, default: str, kind: type):
     except ValueError:
         value = None
     if value is None or not value > 0:
-        raise UserError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {raw!r}; "
-                        f"unset it to use the default ({default})")
+        raise UserError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got "
+                        f"{raw!r}; unset it to use the default ({default})")
     return value
 
 
@@ -91,7 +99,8 @@ MODE_VARS = {"inference": ("PROMPT", "MAX_NEW_TOKENS", "SEED"),
 
 def load_checkpoint(mode: str | None = None) -> int:
     """MODE=inference generates; MODE=resume shows the checkpoint and the resume plan, and trains
-    only when RESUME_TRAINING_STEPS or RESUME_LEARNING_RATE is set (training_resume.py always trains)."""
+    only when RESUME_TRAINING_STEPS or RESUME_LEARNING_RATE is set (training_resume.py always
+    trains)."""
     from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.cli.main import main as lmpipe
     from lmpipe.common.errors import UserError, warn
@@ -100,8 +109,8 @@ def load_checkpoint(mode: str | None = None) -> int:
     spec = os.environ.get("CHECKPOINT_PATH", "")
     if not spec:
         raise UserError("CHECKPOINT_PATH is not set; set it to a checkpoint file or glob, e.g. "
-                        "CHECKPOINT_PATH=checkpoints/checkpoint_gpt_*_step2000_*.pt (list them with "
-                        "'lmpipe ckpt list' or 'ls checkpoints/')")
+                        "CHECKPOINT_PATH=checkpoints/checkpoint_gpt_*_step2000_*.pt (list them "
+                        "with 'lmpipe ckpt list' or 'ls checkpoints/')")
     script = _shown_path(sys.argv[0] or "scripts/load_checkpoint.py")
     trains = mode == "resume"  # training_resume.py always trains
     mode = mode or os.environ.get("MODE", "") or "inference"
@@ -114,7 +123,8 @@ def load_checkpoint(mode: str | None = None) -> int:
     cfg = load_config()
     path = resolve_checkpoint(spec, cfg.checkpoint.dir)
     if mode == "inference":
-        return lmpipe(["generate", "--checkpoint", str(path), "--prompt", os.environ.get("PROMPT", ""),
+        return lmpipe(["generate", "--checkpoint", str(path), "--prompt",
+                       os.environ.get("PROMPT", ""),
                        "--max-new-tokens", str(_env_number("MAX_NEW_TOKENS", "300", int)),
                        "--seed", str(_env_seed(cfg.generate.seed)),
                        "--device", os.environ.get("DEVICE", "") or "auto"])
@@ -136,9 +146,11 @@ def _resume(path: Path, script: str, dry_run: bool) -> int:
         return lmpipe(args)
     code = lmpipe([*args, "--dry-run"])
     if code == 0:
-        env = f"CHECKPOINT_PATH={path} MODE=resume RESUME_TRAINING_STEPS={steps} RESUME_LEARNING_RATE={lr}"
+        env = (f"CHECKPOINT_PATH={path} MODE=resume RESUME_TRAINING_STEPS={steps} "
+               f"RESUME_LEARNING_RATE={lr}")
         print(f"or, as the guide: {env}{' TRAINING_DATA_SOURCE=' + source if source else ''} "
-              f"python3 {script}\n(nothing was trained: MODE=resume trains only when RESUME_TRAINING_STEPS or "
+              f"python3 {script}\n(nothing was trained: MODE=resume trains only when "
+              "RESUME_TRAINING_STEPS or "
               "RESUME_LEARNING_RATE is set)")
     return code
 
@@ -159,7 +171,8 @@ def _env_seed(default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise UserError(f"SEED must be an integer, got {raw!r}; unset it to use generate.seed ({default})") from None
+        raise UserError(f"SEED must be an integer, got {raw!r}; unset it to use "
+                        f"generate.seed ({default})") from None
 
 
 def _describe(path: Path) -> None:
@@ -168,7 +181,10 @@ def _describe(path: Path) -> None:
 
     ckpt = load_checkpoint(path, mmap=True)
     m = ckpt["hyperparameters"]["model"]
-    arch = ", ".join(f"{k}={m[k]}" for k in ("n_layer", "n_head", "n_embd") if k in m and m["type"] != "bigram")
-    print(f"checkpoint {path}\n  model {ckpt['model_type']}{' (' + arch + ')' if arch else ''}, step {ckpt['step']}, "
-          f"vocab_size {ckpt['vocab_size']}, block_size {ckpt['block_size']}, batch_size {ckpt['batch_size']}, "
-          f"optimizer state {'present' if ckpt.get('optimizer_state_dict') else 'absent'}", file=sys.stderr)
+    arch = ", ".join(f"{k}={m[k]}" for k in ("n_layer", "n_head",
+                                             "n_embd") if k in m and m["type"] != "bigram")
+    print(f"checkpoint {path}\n  model {ckpt['model_type']}{' (' + arch + ')' if arch else ''}, "
+          f"step {ckpt['step']}, vocab_size {ckpt['vocab_size']}, block_size {ckpt['block_size']}, "
+          f"batch_size {ckpt['batch_size']}, optimizer state "
+          f"{'present' if ckpt.get('optimizer_state_dict') else 'absent'}",
+          file=sys.stderr)

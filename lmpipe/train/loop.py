@@ -51,18 +51,21 @@ class TrainState:
         np_state = np.random.get_state()
         py_state = random.getstate()
         return {
-            "step": self.step, "best_val_loss": self.best_val_loss, "last_val_loss": self.last_val_loss,
+            "step": self.step, "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
             "last_val_step": self.last_val_step,
             "schedule": self.schedule.to_dict(), "sampler_rng": self.sampler.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-            "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *map(float, np_state[2:])],
+            "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype("int64")),
+                          *map(float, np_state[2:])],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
-        """Restore the loop state and every RNG the loop draws from (dropout uses torch's global one)."""
+        """Restore the loop state and every RNG the loop draws from (dropout uses torch's global
+        one)."""
         import numpy as np
 
         sampler = torch.Generator()
@@ -74,7 +77,8 @@ class TrainState:
         random.setstate((v, tuple(state), gauss))
         name, keys, pos, has_gauss, cached = d["numpy_rng"]
         np.random.set_state((name, keys.numpy().astype("uint32"), int(pos), int(has_gauss), cached))
-        return cls(Schedule.from_dict(d["schedule"]), step=d["step"], best_val_loss=d["best_val_loss"],
+        return cls(Schedule.from_dict(d["schedule"]), step=d["step"],
+                   best_val_loss=d["best_val_loss"],
                    last_val_loss=d["last_val_loss"], sampler=sampler,
                    last_val_step=d.get("last_val_step"))  # absent from older checkpoints' states
 
@@ -86,7 +90,8 @@ class TrainState:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """The fresh-run schedule: linear warmup, then cosine decay from lr to min_lr at the last step."""
+    """The fresh-run schedule: linear warmup, then cosine decay from lr to min_lr at the last
+    step."""
     return Schedule.fresh(cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr).lr_at(step)
 
 
@@ -94,7 +99,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     """AdamW with weight decay on matrices only (not on biases, norms), as in nanoGPT."""
     from models import param_groups
 
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2))
 
 
 def get_batch(data: torch.Tensor, block_size: int, batch_size: int, gen: torch.Generator,
@@ -113,7 +119,8 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    losses = [model(*get_batch(data, block_size, batch_size, gen, device))[1].item() for _ in range(batches)]
+    losses = [model(*get_batch(data, block_size, batch_size, gen,
+                               device))[1].item() for _ in range(batches)]
     model.train(was_training)
     return sum(losses) / len(losses)
 
@@ -122,7 +129,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
           val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
           callbacks: Callbacks | None = None, state: TrainState | None = None,
           clock: Callable[[], float] = time.monotonic) -> TrainState:
-    """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final state.
+    """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final
+    state.
     `clock` (seconds) times the progress lines: their ETA and heartbeat."""
     cb = callbacks or Callbacks()
     state = state or TrainState.fresh(cfg)
@@ -151,7 +159,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
                 cb.on_stop(state.step, state)
             return state
         saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == total)
-        if saving or state.step % cfg.eval_interval == 0 or state.step == total:  # every checkpoint gets a val loss
+        # every checkpoint gets a val loss
+        if saving or state.step % cfg.eval_interval == 0 or state.step == total:
             val = _evaluate(model, val_data, cfg, block_size, device, state)
             progress.note(f"step {state.step}: val loss {val:.4f}")
             if cb.on_eval:
@@ -239,7 +248,8 @@ class _Progress:
                   f"{m['tokens_per_sec']:,.0f} tok/s | eta {eta:.0f}s")
 
     def note(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(text)
+        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr,
+                                                                     flush=True))(text)
 
     def close(self) -> None:
         if self.bar is not None:

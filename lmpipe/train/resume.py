@@ -28,7 +28,8 @@ class Resume:
     lr: float | None = None  # restart the schedule from this peak
     no_optimizer: bool = False  # fresh optimizer state, with a re-warmup of `warmup` steps
     warmup: int = 0
-    total: int | None = None  # train to this step (params path: train.steps); None: the planned total
+    # train to this step (params path: train.steps); None: the planned total
+    total: int | None = None
 
 
 def has_train_state(ckpt: dict) -> bool:
@@ -44,7 +45,8 @@ def plan(ckpt: dict, resume: Resume) -> Schedule:
         more = resume.total - step
     if more is not None or resume.lr is not None or resume.no_optimizer:
         more = more if more is not None else schedule.end - step
-        schedule = schedule.extended(step, more, lr=resume.lr, warmup=min(resume.warmup, max(more, 0)))
+        schedule = schedule.extended(step, more, lr=resume.lr,
+                                     warmup=min(resume.warmup, max(more, 0)))
     if step >= schedule.end:
         raise UserError(f"{resume.checkpoint}: already at step {step}, the run's planned total; "
                         "pass --steps N to train N more steps")
@@ -58,17 +60,17 @@ def _saved_schedule(ckpt: dict, resume: Resume) -> Schedule:
         return Schedule.from_dict(ckpt["train_state"]["schedule"])
     if not resume.no_optimizer:
         origin = (ckpt.get("imported_from") or {}).get("format")
-        raise UserError(f"{resume.checkpoint}: checkpoint has no training state "
-                        f"({'imported from ' + origin if origin else 'written by an older lmpipe'}); "
-                        f"resume it with a fresh optimizer: lmpipe resume --checkpoint {resume.checkpoint} "
-                        f"--no-optimizer --warmup {REWARMUP}")
+        writer = "imported from " + origin if origin else "written by an older lmpipe"
+        raise UserError(f"{resume.checkpoint}: checkpoint has no training state ({writer}); "
+                        "resume it with a fresh optimizer: lmpipe resume --checkpoint "
+                        f"{resume.checkpoint} --no-optimizer --warmup {REWARMUP}")
     t = config_from_dict(ckpt["hyperparameters"]).train
     return Schedule.fresh(max(t.steps, ckpt["step"]), t.warmup_steps, t.lr, t.min_lr)
 
 
 def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
-    """A resume trains the checkpoint's own architecture: refuse a configuration that asks for another
-    one (it would be silently ignored, and recorded as if it had been trained)."""
+    """A resume trains the checkpoint's own architecture: refuse a configuration that asks for
+    another one (it would be silently ignored, and recorded as if it had been trained)."""
     saved = config_from_dict(ckpt["hyperparameters"]).model
     keys = [k for k in asdict(saved) if getattr(saved, k) != getattr(model_cfg, k)]
     if keys:
@@ -76,8 +78,10 @@ def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
         asked = joined([str(getattr(model_cfg, k)) for k in keys])
         raise UserError(f"{how} resumes {path}: checkpoint has {has}; you asked for {asked}. Set "
                         + " ".join(f"model.{k}={getattr(saved, k)}" for k in keys)
-                        + " to resume it, or train the new architecture from scratch (train.resume=''); "
-                        f"'lmpipe ckpt doctor {path} -S model.{keys[0]}={getattr(model_cfg, keys[0])}' lists the tensors")
+                        + " to resume it, or train the new architecture from scratch "
+                          "(train.resume=''); "
+                        f"'lmpipe ckpt doctor {path} -S "
+                        f"model.{keys[0]}={getattr(model_cfg, keys[0])}' lists the tensors")
 
 
 def check_new_source(ckpt: dict, new_source: str, val_fraction: float, seed: int) -> None:
@@ -89,7 +93,8 @@ def check_new_source(ckpt: dict, new_source: str, val_fraction: float, seed: int
     try:
         tokenizer_from_checkpoint(ckpt).encode(corpus.text("train") + corpus.text("val"))
     except UserError as e:
-        raise UserError(f"{new_source}: {e}".replace("rebuild the tokenizer on data that contains them",
+        raise UserError(f"{new_source}: {e}".replace("rebuild the tokenizer on data that contains "
+                                                     "them",
                                                      "train a new model on this data")) from None
 
 
@@ -113,24 +118,26 @@ def recorded_data(ckpt: dict) -> tuple[DataConfig, str | None]:
 
 def own_data(ckpt: dict, path: Path) -> DataChoice:
     """A resume without --source continues on the checkpoint's own data: re-prepared from its
-    recorded source when data/prepared holds other data; refused if that source is gone or changed."""
+    recorded source when data/prepared holds other data; refused if that source is gone or
+    changed."""
     saved, want = recorded_data(ckpt)
     try:
         source = data.resolve_source(saved.source)
     except UserError:
-        raise UserError(f"{path}: its training data {saved.source!r} is not here any more; pass --source PATH "
-                        "to continue on other data, or restore it") from None
+        raise UserError(f"{path}: its training data {saved.source!r} is not here any more; pass "
+                        "--source PATH to continue on other data, or restore it") from None
     now = data.fingerprint(source, saved.val_fraction, saved.seed)
     if want is not None and now != want:
-        raise UserError(f"{path}: its training data {saved.source!r} has changed since the checkpoint was "
-                        f"written (fingerprint {now[:12]}, recorded {want[:12]}); pass --source {saved.source} "
-                        "to continue on its current content, or restore the original")
+        raise UserError(f"{path}: its training data {saved.source!r} has changed since the "
+                        f"checkpoint was written (fingerprint {now[:12]}, recorded {want[:12]}); "
+                        f"pass --source {saved.source} to continue on its current content, or "
+                        "restore the original")
     prepared = _prepared_fingerprint()
-    note = "" if want else (f"{path} records no data fingerprint (an older or imported checkpoint): continuing "
-                            f"on {saved.source} as it is now")
+    note = "" if want else (f"{path} records no data fingerprint (an older or imported "
+                            f"checkpoint): continuing on {saved.source} as it is now")
     if prepared != now:
-        note = note or (f"data/prepared holds other data; re-preparing the checkpoint's own data from "
-                        f"{saved.source} (fingerprint {now[:12]})")
+        note = note or ("data/prepared holds other data; re-preparing the checkpoint's own data "
+                        f"from {saved.source} (fingerprint {now[:12]})")
     return DataChoice(saved, prepared != now, now, note)
 
 
@@ -160,9 +167,11 @@ def describe(ckpt: dict, path: Path, resume: Resume, choice: DataChoice) -> str:
     """What `lmpipe resume` would do: from/to step, LR schedule, data, optimizer."""
     s = plan(ckpt, resume)
     fp = (choice.fingerprint or "unknown")[:12]
-    optimizer = ("reset (fresh AdamW state" + (f", {s.warmup}-step LR re-warmup)" if s.warmup else ")")
+    optimizer = ("reset (fresh AdamW state"
+                 + (f", {s.warmup}-step LR re-warmup)" if s.warmup else ")")
                  if resume.no_optimizer else "restored from the checkpoint")
-    same = s.start == 0 or (has_train_state(ckpt) and s == Schedule.from_dict(ckpt["train_state"]["schedule"]))
+    same = s.start == 0 or (has_train_state(ckpt)
+                            and s == Schedule.from_dict(ckpt["train_state"]["schedule"]))
     lines = [
         f"resume plan for {path}",
         f"  from step {ckpt['step']} to step {s.end} ({s.end - ckpt['step']} steps)",
@@ -176,5 +185,7 @@ def describe(ckpt: dict, path: Path, resume: Resume, choice: DataChoice) -> str:
 
 
 def _schedule_words(s: Schedule, step: int) -> str:
-    warm = f"warmup {s.warmup} steps to {s.peak:.3g}, then " if s.warmup and step < s.start + s.warmup else ""
-    return f"{warm}cosine decay from {s.lr_at(step):.3g} at step {step} to {s.floor:.3g} at step {s.end}"
+    warming = s.warmup and step < s.start + s.warmup
+    warm = f"warmup {s.warmup} steps to {s.peak:.3g}, then " if warming else ""
+    return (f"{warm}cosine decay from {s.lr_at(step):.3g} at step {step} to {s.floor:.3g} "
+            f"at step {s.end}")

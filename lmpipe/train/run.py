@@ -48,8 +48,9 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
     except UserError as e:  # e.g. new data with characters the checkpoint's char vocabulary lacks
         raise UserError(f"{path} ({split} split): {e}") from None
     if len(ids) <= block_size + 1:
-        raise UserError(f"{path}: the {split} split has {len(ids)} tokens, not more than one training block "
-                        f"(model.block_size={block_size}); add text or lower model.block_size")
+        raise UserError(f"{path}: the {split} split has {len(ids)} tokens, not more than one "
+                        f"training block (model.block_size={block_size}); add text or lower "
+                        "model.block_size")
     return ids
 
 
@@ -86,7 +87,8 @@ def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
     if has_train_state(ckpt):
         return TrainState.from_dict(ckpt["train_state"])
     torch.manual_seed(cfg.train.seed)  # dropout draws from the global generator
-    say(f"{resume.checkpoint} has no training state: starting a fresh one at step {ckpt['step']}, with a new "
+    say(f"{resume.checkpoint} has no training state: starting a fresh one at step "
+        f"{ckpt['step']}, with a new "
         f"optimizer and a {resume.warmup}-step learning-rate re-warmup")
     state = TrainState.fresh(cfg.train)
     state.step = ckpt["step"]

@@ -51,7 +51,8 @@ class TrainingStopped(UserError):
 
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, run_id: str,
-                 protect: tuple[Path, ...] = (), on_saved: Callable[[Path, dict], None] | None = None):
+                 protect: tuple[Path, ...] = (),
+                 on_saved: Callable[[Path, dict], None] | None = None):
         self.dir = Path(directory)
         self.cfg = cfg
         self.run_id = run_id
@@ -79,7 +80,8 @@ class Checkpointer:
             self._write(path, payload)
             return
         snapshot = self._snapshot(payload)
-        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name="lmpipe-ckpt", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot),
+                                        name="lmpipe-ckpt", daemon=True)
         self._thread.start()
 
     def wait(self) -> None:
@@ -90,7 +92,8 @@ class Checkpointer:
             while self._thread.is_alive():
                 self._thread.join(timeout=0.1)
         except KeyboardInterrupt:
-            self._abort.set()  # the writer drops the save once its data is written; no file stays behind
+            # the writer drops the save once its data is written; no file stays behind
+            self._abort.set()
             self._thread.join()
             raise
         self._thread = None
@@ -164,8 +167,9 @@ class Checkpointer:
             return True
         free_mb = shutil.disk_usage(self.dir).free >> 20
         self.failed.append(f"{path.name}: skipped, {need >> 20} MB needed, {free_mb} MB free")
-        warn(f"not enough disk space for {path.name} ({need >> 20} MB needed, {free_mb} MB free in {self.dir}); "
-             "skipping this checkpoint and training on; free space or set checkpoint.keep_last")
+        warn(f"not enough disk space for {path.name} ({need >> 20} MB needed, {free_mb} MB free in "
+             f"{self.dir}); skipping this checkpoint and training on; free space or set "
+             "checkpoint.keep_last")
         return False
 
 
@@ -280,7 +284,9 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
             for s in (*self.SIGNALS, signal.SIGXFSZ):
-                self._previous[s] = signal.signal(s, signal.SIG_IGN if s == signal.SIGXFSZ else self._handle)
+                self._previous[s] = signal.signal(s,
+                                                  signal.SIG_IGN if s == signal.SIGXFSZ
+                                                  else self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -293,8 +299,8 @@ class GracefulStop:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        warn(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-             "(press Ctrl+C again to abandon the save)")
+        warn(f"received {signal.Signals(signum).name}: finishing this step, then saving a "
+             "checkpoint (press Ctrl+C again to abandon the save)")
 
     @property
     def requested(self) -> bool:

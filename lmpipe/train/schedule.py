@@ -37,8 +37,10 @@ class Schedule:
     def fresh(cls, steps: int, warmup: int, lr: float, min_lr: float) -> "Schedule":
         return cls(start=0, warmup=warmup, peak=lr, floor=min_lr, end=steps)
 
-    def extended(self, step: int, more: int, lr: float | None = None, warmup: int = 0) -> "Schedule":
+    def extended(self, step: int, more: int, lr: float | None = None,
+                 warmup: int = 0) -> "Schedule":
         """A new segment from `step` to `step + more`: from `lr` if given (a restart), else from the
         current LR (continuous, no jump), decaying to the same floor."""
         peak = self.lr_at(step) if lr is None else lr
-        return Schedule(start=step, warmup=warmup, peak=peak, floor=min(self.floor, peak), end=step + more)
+        return Schedule(start=step, warmup=warmup, peak=peak, floor=min(self.floor, peak),
+                        end=step + more)
