@@ -155,3 +155,11 @@ def test_mlflow_is_imported_by_tracking_and_serving_only():
     if bad:
         pytest.fail("mlflow imported outside lmpipe/tracking.py and lmpipe/serving.py:\n"
                     + "\n".join(f"  {_describe(graph, e)}" for e in bad), pytrace=False)
+
+
+def test_the_top_of_lmpipe_holds_at_most_twelve_modules():
+    """Everything else lives in a subpackage named after what it does (issue #9)."""
+    from importgraph import ROOT
+
+    top = sorted(p.name for p in (ROOT / "lmpipe").glob("*.py"))
+    assert len(top) <= 12, f"{len(top)} modules at the top of lmpipe/: {', '.join(top)}"

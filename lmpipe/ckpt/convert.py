@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from lmpipe.ckpt.payload import build_payload
+from lmpipe.ckpt.payload import architecture, build_payload
 from lmpipe.ckpt.safeload import pickle_load
 from lmpipe.ckpt.views import View, open_view
 from lmpipe.common.errors import UserError
@@ -194,9 +194,7 @@ def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: already exists and is not empty; remove it or pass --out DIR")
     tok = tokenizer_from_checkpoint(ckpt)
-    arch = {**ckpt["hyperparameters"]["model"], "vocab_size": ckpt["vocab_size"],
-            "block_size": ckpt["block_size"],
-            "type": ckpt.get("model_type", ckpt["hyperparameters"]["model"]["type"])}
+    arch = architecture(ckpt)
     if fmt == "hf" and arch["type"] != "gpt":
         raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; use "
                         "--format safetensors")

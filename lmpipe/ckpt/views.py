@@ -127,13 +127,11 @@ def _float(v: Any) -> float | None:
 
 def read_lmpipe(path: Path, obj: dict) -> View:
     from lmpipe.ckpt.manifest import read_manifest
-    from lmpipe.ckpt.payload import current_val_loss, strip_prefixes
+    from lmpipe.ckpt.payload import architecture, current_val_loss, strip_prefixes
     from lmpipe.ckpt.store import parse_filename
 
     hp = obj.get("hyperparameters") or {}
-    arch = {**(hp.get("model") or {}), "vocab_size": obj.get("vocab_size"),
-            "block_size": obj.get("block_size")}
-    arch["type"] = obj.get("model_type") or arch.get("type")
+    arch = architecture(obj)
     entry = read_manifest(path.parent).get(path.name, {})
     named = parse_filename(path) or {}
     metrics = obj.get("metrics") or {}

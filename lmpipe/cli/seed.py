@@ -8,10 +8,11 @@ commands").
     python3 training_resume.py           → lmpipe resume --source $TRAINING_DATA_SOURCE
 
 Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob; the
-newest match), MODE, PROMPT (""), MAX_NEW_TOKENS (300), SEED (generate.seed), DEVICE (auto),
-RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4; MODE=resume trains only when one of the
-two is set, else it shows the plan), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR,
-MODEL_TYPE, TRAINING_STEPS and TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
+newest match), MODE, PROMPT (""), MAX_NEW_TOKENS (generate.max_new_tokens: 300, as in the guide),
+SEED (generate.seed), DEVICE (auto), RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4;
+MODE=resume trains only when one of the two is set, else it shows the plan), plus
+ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE, TRAINING_STEPS and
+TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
 """
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def load_checkpoint(mode: str | None = None) -> int:
     if mode == "inference":
         return lmpipe(["generate", "--checkpoint", str(path), "--prompt",
                        os.environ.get("PROMPT", ""),
-                       "--max-new-tokens", str(_env_number("MAX_NEW_TOKENS", "300", int)),
+                       "--max-new-tokens",
+                       str(_env_number("MAX_NEW_TOKENS", str(cfg.generate.max_new_tokens), int)),
                        "--seed", str(_env_seed(cfg.generate.seed)),
                        "--device", os.environ.get("DEVICE", "") or "auto"])
     return _resume(path, script, dry_run=not trains and not (
