@@ -17,7 +17,8 @@ from models import MODELS
 
 PARAMS_FILE = "params.yaml"
 MODEL_TYPES = tuple(MODELS)  # the model registry decides which keys exist
-TOKENIZER_KINDS = ("char", "bpe", "gpt2")
+TOKENIZER_KINDS = ("auto", "char", "bpe", "gpt2")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -30,7 +31,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: str = "char"
+    # auto: char for models trained from scratch, the pretrained model's own for gpt2
+    kind: str = "auto"
     vocab_size: int = 512  # bpe only
     gpt2_path: str = "gpt2"  # gpt2 only: a local model directory, or a hub name when online
 
@@ -45,6 +47,17 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     n_kv_head: int = 0  # nanochat only: key/value heads (0: one per query head)
+    # gpt2: the pretrained model, a hub name (found in the local Hugging Face cache) or a local
+    # directory; env GPT2_MODEL_NAME
+    pretrained: str = "gpt2"
+    # a slug in checkpoint names (checkpoint_gpt2_<source>_<variant>_step...): set with
+    # GPT2_MODEL_NAME, so that the guide's A/B globs tell the two models apart; "": none
+    variant: str = ""
+    # LoRA adapters through peft (params.yaml: model.lora.r, .alpha, .dropout, .target_modules)
+    lora_r: int = 0  # 0: LoRA off, every weight trains
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = ""  # comma-separated module names; "": the architecture's default
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,9 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     device: str = "auto"
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: batch_size × this per step
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    dtype: str = "auto"  # auto: bfloat16 autocast on CUDA where supported, float32 elsewhere
     # "": start fresh; "latest" or a checkpoint path: resume (explicit, tracked by DVC)
     resume: str = ""
 
@@ -123,6 +139,13 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
 
+    def tokenizer_kind(self) -> str:
+        """tokenizer.kind with auto resolved: the pretrained model's own tokenizer for gpt2, char
+        for models trained from scratch."""
+        if self.tokenizer.kind != "auto":
+            return self.tokenizer.kind
+        return "gpt2" if self.model.type == "gpt2" else "char"
+
     def flat(self) -> dict[str, Any]:
         """{"train.lr": 0.001, ...}: every hyperparameter under its params.yaml key."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
@@ -137,6 +160,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "TRAINING_STEPS": ("train.steps",),
     "TRAINING_DATA_SOURCE": ("data.source",),
     "DEVICE": ("train.device", "generate.device"),
+    "GPT2_MODEL_NAME": ("model.pretrained", "model.variant"),
 }
 
 
@@ -148,7 +172,10 @@ BY_MODEL = "by_model"
 PER_MODEL_SECTIONS = ("model", "train")
 
 # params.yaml keys that are not Python identifiers → the field that holds them
-ALIASES = {"checkpoint.async": "checkpoint.async_save"}
+ALIASES = {"checkpoint.async": "checkpoint.async_save", "model.lora.r": "model.lora_r",
+           "model.lora.alpha": "model.lora_alpha", "model.lora.dropout": "model.lora_dropout",
+           "model.lora.target_modules": "model.lora_target_modules"}
+NESTED = {"model.lora"}  # params.yaml mappings inside a section: model: {lora: {r: 8}}
 
 
 def _pos_int(v: Any) -> bool:
@@ -198,6 +225,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.block_size": POS_INT,
     "model.dropout": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
     "model.n_kv_head": NONNEG_INT,
+    "model.pretrained": NONEMPTY,
+    "model.lora_r": NONNEG_INT,
+    "model.lora_alpha": POS_FLOAT,
+    "model.lora_dropout": ((lambda v: isinstance(v, float) and 0 <= v < 1), "a number in [0, 1)"),
     "train.steps": POS_INT,
     "train.batch_size": POS_INT,
     "train.lr": POS_FLOAT,
@@ -211,6 +242,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eval_batches": POS_INT,
     "train.log_interval": POS_INT,
     "train.device": _one_of(DEVICES),
+    "train.grad_accum_steps": POS_INT,
+    "train.dtype": _one_of(DTYPES),
     "checkpoint.interval": POS_INT,
     "checkpoint.dir": NONEMPTY,
     "checkpoint.keep_last": NONNEG_INT,
@@ -353,8 +386,18 @@ def _params_items(params: dict[str, Any], where: str, problems: list[str]) -> li
         if not isinstance(values, dict):
             problems.append(f"{where}: section {section!r} must be a mapping, got {values!r}")
             continue
-        items += [(f"{section}.{name}", value, where) for name, value in values.items()]
+        items += [item for name, value in values.items()
+                  for item in _nested(f"{section}.{name}", value, where)]
     return items
+
+
+def _nested(key: str, value: Any, where: str) -> list[Item]:
+    """model: {lora: {r: 8}} → model.lora.r; a list value (target_modules) → comma-separated."""
+    if key in NESTED and isinstance(value, dict):
+        return [item for k, v in value.items() for item in _nested(f"{key}.{k}", v, where)]
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return [(key, value, where)]
 
 
 def _env_items(env: dict[str, str]) -> list[Item]:
@@ -492,10 +535,7 @@ def config_from_dict(d: dict[str, dict[str, Any]]) -> Config:
 # --- settings that do nothing in a configuration -------------------------------------------------
 
 # Environment variables that belong to features of other configurations (not settings of their own).
-OTHER_ENV_VARS = {
-    "GPT2_MODEL_NAME": "it chooses the pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot "
-                       "train yet",
-}
+OTHER_ENV_VARS: dict[str, str] = {}
 
 
 def _inert_reason(key: str, cfg: Config) -> str | None:
@@ -504,12 +544,16 @@ def _inert_reason(key: str, cfg: Config) -> str | None:
     if section == BY_MODEL and name.split(".", 1)[0] != cfg.model.type:
         return (f"model.type is {cfg.model.type}; it applies when model.type is "
                 f"{name.split('.', 1)[0]}")
-    if key == "tokenizer.vocab_size" and cfg.tokenizer.kind != "bpe":
-        return f"tokenizer.kind is {cfg.tokenizer.kind}; it sizes the bpe tokenizer only"
-    if key == "tokenizer.gpt2_path" and cfg.tokenizer.kind != "gpt2":
-        return f"tokenizer.kind is {cfg.tokenizer.kind}; it locates the gpt2 tokenizer only"
+    if key == "tokenizer.vocab_size" and cfg.tokenizer_kind() != "bpe":
+        return f"tokenizer.kind is {cfg.tokenizer_kind()}; it sizes the bpe tokenizer only"
+    if key == "tokenizer.gpt2_path" and cfg.tokenizer_kind() != "gpt2":
+        return f"tokenizer.kind is {cfg.tokenizer_kind()}; it locates the gpt2 tokenizer only"
     if section == "model" and name not in ("type", "block_size") and cfg.model.type == "bigram":
         return "model.type is bigram, a lookup table with no layers, heads or embeddings to size"
+    if key in ("model.pretrained", "model.variant") and cfg.model.type != "gpt2" \
+            and not cfg.model.lora_r:
+        return (f"model.type is {cfg.model.type}; it chooses the pretrained model for "
+                "MODEL_TYPE=gpt2")
     if key == "model.n_kv_head" and cfg.model.type != "nanochat":
         return f"model.type is {cfg.model.type}; it sets nanochat's key/value heads only"
     if key in ("model.dropout", "model.bias") and cfg.model.type == "nanochat":
@@ -540,6 +584,10 @@ def inert_settings(cfg: Config, overrides=(), env=None) -> list[str]:
              why in OTHER_ENV_VARS.items() if env.get(var)]
     for key, where in explicit_settings(overrides, env).items():
         why = _inert_reason(key, cfg) if "." in key else None
-        if why:
+        var = where.removeprefix("environment variable ")
+        if why and var != where and len(ENV_VARS[var]) > 1:  # one line for the variable
+            line = f"{var}={env[var]} has no effect: {why}"
+            lines += [] if line in lines else [line]
+        elif why:
             lines.append(f"{key} (from {where}) has no effect: {why}")
     return lines

@@ -43,7 +43,7 @@ def preflight(cfg: Config) -> None:
 
     corpus = data.split_corpus(cfg.data.source, cfg.data.val_fraction, cfg.data.seed,
                                cfg.model.block_size + 1)
-    if cfg.tokenizer.kind == "char":
+    if cfg.tokenizer_kind() == "char":
         unknown = sorted(set(cfg.generate.prompt) - set(corpus.text("train") + corpus.text("val")))
         if unknown:
             raise UserError("generate.prompt has character(s) that never occur in the corpus, so "
@@ -51,7 +51,7 @@ def preflight(cfg: Config) -> None:
                             f"{', '.join(map(repr, unknown))}; change the prompt")
     pick_device(cfg.train.device)
     pick_device(cfg.generate.device)
-    if cfg.tokenizer.kind == "gpt2":
+    if cfg.tokenizer_kind() == "gpt2":
         tokenizer.load_gpt2(cfg.tokenizer.gpt2_path)
 
 
@@ -98,7 +98,7 @@ def build_tokenizer(cfg: Config) -> dict:
 
     meta = data.load_meta()
     texts = {s: Path(meta[s]).read_text(encoding="utf-8") for s in ("train", "val")}
-    tok = tokenizer.build_tokenizer(cfg.tokenizer.kind, texts["train"], texts["val"],
+    tok = tokenizer.build_tokenizer(cfg.tokenizer_kind(), texts["train"], texts["val"],
                                     cfg.tokenizer.vocab_size, cfg.tokenizer.gpt2_path)
     stats = pd.read_csv(meta["stats"])
     stats["tokens"] = [len(tok.encode(texts[s])) for s in stats["split"]]

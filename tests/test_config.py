@@ -30,13 +30,14 @@ def test_precedence_cli_over_env_over_params(tmp_path):
 def test_seed_environment_variables_keep_their_meaning(tmp_path):
     env = {"ENABLE_CHECKPOINTS": "false", "CHECKPOINT_INTERVAL": "250", "CHECKPOINT_DIR": "ck",
            "MODEL_TYPE": "bigram", "TRAINING_STEPS": "99", "TRAINING_DATA_SOURCE": "my.txt",
-           "DEVICE": "cpu"}
+           "DEVICE": "cpu", "GPT2_MODEL_NAME": "gpt2-medium"}
     assert set(env) == set(ENV_VARS)
     cfg = load_config(tmp_path / "none.yaml", env=env)
     c = cfg.checkpoint
     assert (c.enabled, c.interval, c.dir) == (False, 250, "ck")
     assert (cfg.model.type, cfg.train.steps, cfg.data.source) == ("bigram", 99, "my.txt")
     assert cfg.train.device == cfg.generate.device == "cpu"
+    assert cfg.model.pretrained == cfg.model.variant == "gpt2-medium"
 
 
 def test_seed_defaults_without_params_file(tmp_path):
@@ -122,10 +123,12 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
         f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat",
         f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
         "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, "
-        "eval_interval, eval_batches, log_interval, seed, device, resume",
+        "eval_interval, eval_batches, log_interval, seed, device, grad_accum_steps, "
+        "gradient_checkpointing, dtype, resume",
         f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
         "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "
-        "n_head, n_embd, block_size, dropout, bias, n_kv_head",
+        "n_head, n_embd, block_size, dropout, bias, n_kv_head, pretrained, variant, lora_r, "
+        "lora_alpha, lora_dropout, lora_target_modules",
         "override 'by_model.bigram.lr=1' must look like by_model.TYPE.SECTION.KEY=value "
         "(e.g. by_model.bigram.train.lr=0.1)",
         "train.steps must be an integer, got 'abc' (from -S by_model.bigram)",

@@ -192,8 +192,8 @@ def test_cli_warns_once_for_an_ignored_setting(project, monkeypatch, capsys):
     monkeypatch.setenv("GPT2_MODEL_NAME", "gpt2-medium")
     assert main(["config"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["lmpipe: warning: GPT2_MODEL_NAME=gpt2-medium has no effect: it chooses the "
-                   "pretrained model for MODEL_TYPE=gpt2, which lmpipe cannot train yet"]
+    assert err == ["lmpipe: warning: GPT2_MODEL_NAME=gpt2-medium has no effect: model.type is "
+                   "gpt; it chooses the pretrained model for MODEL_TYPE=gpt2"]
 
 
 def test_resume_names_settings_it_ignores(project, trained, capsys):
