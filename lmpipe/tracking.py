@@ -274,3 +274,20 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
     version = str(info.registered_model_version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
             "model_id": info.model_id}
+
+
+def log_comparison(experiment: str, params: dict[str, Any], metrics: dict[str, float],
+                   artifacts: dict[str, str], inputs: dict[str, str | Path]) -> str:
+    """`lmpipe compare` as a run of its own: the checkpoints and settings as params, each model's
+    metrics, the table as text artifacts ({file name: text}), lineage tags for `inputs`."""
+    import mlflow
+
+    experiment_id = setup(experiment)
+    with mlflow.start_run(run_name="compare", experiment_id=experiment_id,
+                          tags={"lmpipe.kind": "compare"}) as run:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(lineage_tags(inputs))
+        for name, text in artifacts.items():
+            mlflow.log_text(text, name)
+    return run.info.run_id

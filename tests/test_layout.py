@@ -12,7 +12,8 @@ LAYERS = [
     ("flows/",),  # the Prefect flow
     ("tasks/",),  # Prefect tasks, thin wrappers over lmpipe/stages.py
     ("lmpipe/cli/", "lmpipe/__main__.py"),  # the command line (`lmpipe`, `python -m lmpipe`)
-    ("lmpipe/stages.py",),  # the pipeline's stages: what tasks/ and `lmpipe stage` run
+    # the pipeline's stages (what tasks/ and `lmpipe stage` run), and `lmpipe compare` (A/B)
+    ("lmpipe/stages.py", "lmpipe/compare.py"),
     ("lmpipe/train/", "lmpipe/tracking.py", "lmpipe/serving.py", "lmpipe/serving_model.py"),
     ("lmpipe/ckpt/",),  # the checkpoint format and its tools: knows nothing of training
     ("lmpipe/config.py", "lmpipe/data.py", "lmpipe/tokenizer.py", "lmpipe/generate.py",

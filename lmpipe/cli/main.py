@@ -76,12 +76,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
     _add_config_args(p)
 
+    _add_compare_parser(sub)
+
     p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
     _add_config_args(p)
     from lmpipe.cli import ckpt as cli_ckpt
 
     cli_ckpt.add_parser(sub, _add_config_args)
     return parser
+
+
+def _add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="A/B: score, sample and time two or more checkpoints side "
+                                       "by side",
+                       description="Each checkpoint is verified and loaded, scored on the same "
+                                   "text (bits per byte compare across tokenizers; loss and "
+                                   "perplexity are in each model's own tokens), sampled with the "
+                                   "same prompt and seed, and timed. Prints a table and the "
+                                   "samples.")
+    p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
+                   help="PATH, a glob (its newest match) or 'latest' in checkpoint.dir; two or "
+                        "more")
+    p.add_argument("--text", default=None,
+                   help="the text to score (default: data/prepared/val.txt)")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="score at most N batches of each model's windows (default: "
+                        "evaluate.max_batches; 0: the whole text)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--log", action="store_true",
+                   help="also record the comparison as an MLflow run (tracking.experiment), "
+                        "with compare.md and compare.json as artifacts")
+    _add_config_args(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +324,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from lmpipe import compare
+
+    cfg = _config(args)
+    s = compare.settings(cfg, args.text, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                         device=args.device, max_batches=args.max_batches)
+    paths = compare.resolve(args.checkpoints, cfg.checkpoint.dir)
+    rows = compare.compare(paths, s)
+    print(compare.to_json(rows, s) if args.json else compare.render_table(rows, s), end="")
+    if args.log:
+        run_id = compare.log(rows, s, cfg.tracking.experiment)
+        print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment}): compare.md, "
+              "compare.json", file=sys.stderr)
+    return 0
+
+
 def cmd_ckpt(args) -> int:
     from lmpipe.cli import ckpt as cli_ckpt
 
@@ -300,7 +348,7 @@ def cmd_ckpt(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "resume": cmd_resume, "generate": cmd_generate,
-            "config": cmd_config, "ckpt": cmd_ckpt}
+            "compare": cmd_compare, "config": cmd_config, "ckpt": cmd_ckpt}
 
 if __name__ == "__main__":
     sys.exit(main())
