@@ -49,9 +49,13 @@ def settings(cfg: Config, text: str | Path | None = None, **overrides: Any) -> S
             "seed": g.seed, "device": g.device, "batch_size": e.batch_size,
             "max_batches": e.max_batches}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if base["max_batches"] < 0:
-        raise UserError(f"--max-batches must be 0 (the whole text) or a positive integer, got "
-                        f"{base['max_batches']}")
+    for key, bad, need in (("max_batches", base["max_batches"] < 0,
+                            "0 (the whole text) or a positive integer"),
+                           ("max_new_tokens", base["max_new_tokens"] < 1, "a positive integer"),
+                           ("temperature", not base["temperature"] > 0, "a positive number"),
+                           ("top_k", base["top_k"] < 0, "0 (off) or a positive integer")):
+        if bad:
+            raise UserError(f"--{key.replace('_', '-')} must be {need}, got {base[key]}")
     return Settings(**base)
 
 
