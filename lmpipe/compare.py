@@ -121,14 +121,19 @@ def measure(path: Path, text: str, s: Settings, device: str) -> dict[str, Any]:
     ckpt, model, tok = load_for_inference(path, device)
     metrics = score(model, tok, text, ckpt["block_size"], s, device, path)
     sample, tokens_per_s = timed_sample(model, tok, s, device, path)
-    row = {"name": path.name, "path": str(path), "model_type": architecture(ckpt)["type"],
+    row = {"name": path.name, "path": str(path), "model_type": type_label(architecture(ckpt)),
            "tokenizer": tok.kind, "step": int(ckpt.get("step") or 0),
            "parameters": sum(p.numel() for p in model.parameters()),
            "size_mb": path.stat().st_size / 1e6, "val_bpb": metrics["bits_per_byte"],
            "val_loss": metrics["val_loss"], "perplexity": metrics["perplexity"],
            "eval_tokens": int(metrics["tokens"]), "tokens_per_s": tokens_per_s, "sample": sample}
-    del model
     return row
+
+
+def type_label(arch: dict[str, Any]) -> str:
+    """The model type, with its LoRA rank when the checkpoint was trained with adapters."""
+    r = arch.get("lora_r") or 0
+    return f"{arch['type']}+lora(r={r})" if r else str(arch["type"])
 
 
 def score(model, tok, text: str, block_size: int, s: Settings, device: str,

@@ -333,7 +333,8 @@ def cmd_compare(args) -> int:
                          device=args.device, max_batches=args.max_batches)
     paths = compare.resolve(args.checkpoints, cfg.checkpoint.dir)
     rows = compare.compare(paths, s)
-    print(compare.to_json(rows, s) if args.json else compare.render_table(rows, s), end="")
+    print(compare.to_json(rows, s) if args.json else compare.render_table(rows, s), end="",
+          flush=True)
     if args.log:
         run_id = compare.log(rows, s, cfg.tracking.experiment)
         print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment}): compare.md, "
