@@ -1,11 +1,11 @@
 """`make bench`: every benchmark, each printing its ratios against its target."""
 import argparse
 
-from bench import checkpoints, ckpt_tools, throughput
+from bench import checkpoints, ckpt_tools, lora, throughput
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--only", choices=("throughput", "checkpoints", "ckpt_tools"))
+    ap.add_argument("--only", choices=("throughput", "checkpoints", "ckpt_tools", "lora"))
     args = ap.parse_args()
     if args.only in (None, "throughput"):
         throughput.main([])
@@ -15,3 +15,6 @@ if __name__ == "__main__":
         print()
     if args.only in (None, "ckpt_tools"):
         ckpt_tools.main()
+        print()
+    if args.only in (None, "lora"):
+        lora.main()

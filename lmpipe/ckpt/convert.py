@@ -281,3 +281,69 @@ def _char_as_hf(tok):
     t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     t.decoder = decoders.Fuse()
     return t
+
+
+# --- LoRA: export --merge ------------------------------------------------------------------------
+
+def export_merged(src: str | Path, out: str | Path | None = None) -> Path:
+    """A LoRA checkpoint with its adapters merged into the base (peft's merge_and_unload): for a
+    gpt base, a full lmpipe checkpoint (no LoRA, no optimizer state); for gpt2, a Hugging Face
+    directory (save_pretrained of the merged GPT2LMHeadModel, and the base's tokenizer)."""
+    from lmpipe.ckpt.lora import CHECKPOINT_BASES, is_lora_checkpoint
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from models import lora
+
+    src = Path(src)
+    ckpt, model, _ = load_for_inference(src)
+    if not is_lora_checkpoint(ckpt):
+        raise UserError(f"{src}: not a LoRA checkpoint (no base_model); --merge exports LoRA "
+                        "checkpoints, use 'lmpipe ckpt export' without it")
+    merged = lora.merge(model)
+    as_checkpoint = ckpt["base_model"]["type"] in CHECKPOINT_BASES
+    out = Path(out) if out else src.with_name(f"{src.stem}-merged" + (".pt" if as_checkpoint
+                                                                      else ""))
+    if out.exists():
+        raise UserError(f"{out}: already exists; remove it or pass --out PATH")
+    if as_checkpoint:
+        _save_merged_checkpoint(out, ckpt, merged, src)
+    else:
+        _save_merged_hf(out, ckpt, merged)
+    return out
+
+
+def _save_merged_checkpoint(out: Path, ckpt: dict, merged, src: Path) -> None:
+    from lmpipe.ckpt.store import save_checkpoint
+
+    hp = json.loads(json.dumps(ckpt["hyperparameters"]))
+    hp["model"]["lora_r"] = 0
+    save_checkpoint(out, build_payload(
+        weights={k: v.detach().contiguous() for k, v in merged.state_dict().items()},
+        hyperparameters=hp, tokenizer_json=ckpt["tokenizer"], step=ckpt["step"],
+        vocab_size=ckpt["vocab_size"], block_size=ckpt["block_size"], source=ckpt["source"],
+        run_id=ckpt.get("run_id"), metrics=ckpt.get("metrics"), batch_size=ckpt.get("batch_size"),
+        model_type=ckpt.get("model_type"),
+        imported_from={"format": "lmpipe-lora-merge", "path": str(src),
+                       "base": ckpt["base_model"]}))
+
+
+def _save_merged_hf(out: Path, ckpt: dict, merged) -> None:
+    """save_pretrained of the Hugging Face model inside the merged model, with the base's
+    tokenizer, written under a temporary name and renamed into place."""
+    from transformers import AutoTokenizer
+
+    hf = next((m for m in merged.modules() if hasattr(m, "save_pretrained")), None)
+    if hf is None:
+        raise UserError(f"a merged {ckpt['base_model']['type']} model holds no Hugging Face "
+                        "model to save; use --format safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        hf.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(ckpt["base_model"]["name"]).save_pretrained(tmp)
+        for f in tmp.iterdir():
+            fsync_path(f)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.parent)

@@ -183,8 +183,22 @@ def describe(v: View) -> dict[str, Any]:
         "hyperparameters": _plain(v.hyperparameters), "tensors": tensors,
         "total_params": sum(t["params"] for t in tensors), "unique_params": unique,
         "optimizer": optimizer_summary(v.optimizer, v.format), "tokenizer": v.tokenizer,
-        "versions": v.versions,
+        "versions": v.versions, **_lora_summary(v),
     }
+
+
+def _lora_summary(v: View) -> dict[str, Any]:
+    """A LoRA checkpoint's settings and base (loaded and checked: a missing or different base is
+    refused with one line)."""
+    raw = v.raw if v.format == "lmpipe" and isinstance(v.raw, dict) else {}
+    if not raw.get("base_model"):
+        return {}
+    from lmpipe.ckpt.lora import build_base, lora_settings
+
+    build_base(raw["base_model"], str(v.path))
+    base = raw["base_model"]
+    return {"lora": {**lora_settings(raw), "base": base.get("name"), "base_type": base.get("type"),
+                     "base_sha256": base.get("sha256"), "base_check": "found, sha256 matches"}}
 
 
 def _info(info: dict[str, Any]) -> dict[str, Any]:

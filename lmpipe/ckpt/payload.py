@@ -39,10 +39,13 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                   vocab_size: int, block_size: int, source: str, optimizer: dict | None = None,
                   run_id: str | None = None, train_state: dict | None = None,
                   metrics: dict | None = None, imported_from: dict | None = None,
-                  batch_size: int | None = None, model_type: str | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, model_type: str | None = None,
+                  base_model: dict | None = None) -> dict[str, Any]:
     """The dictionary a checkpoint file holds (save_checkpoint adds format_version). Training,
     `lmpipe ckpt import` and the tests all build it here. Optional parts left None are left out:
-    a checkpoint without train_state is one a resume must restart the optimizer for."""
+    a checkpoint without train_state is one a resume must restart the optimizer for. A LoRA
+    checkpoint's weights are its adapter tensors only, and base_model names the base it adapts
+    (name, type, architecture, sha256 of its weights: ckpt/lora.py)."""
     payload = {"model_state_dict": weights, "optimizer_state_dict": optimizer,
                "hyperparameters": hyperparameters, "vocab_size": vocab_size,
                "block_size": block_size,
@@ -52,7 +55,7 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                "source": source,
                "tokenizer": tokenizer_json, "run_id": run_id, "train_state": train_state,
                "metrics": metrics if metrics is not None else {}, "versions": _versions(),
-               "imported_from": imported_from}
+               "imported_from": imported_from, "base_model": base_model}
     return {k: v for k, v in payload.items() if v is not None}
 
 
@@ -72,3 +75,21 @@ def architecture(ckpt: dict[str, Any]) -> dict[str, Any]:
             "block_size": ckpt.get("block_size")}
     arch["type"] = ckpt.get("model_type") or arch.get("type")
     return arch
+
+
+def weights_sha256(state: dict[str, Any]) -> str:
+    """A deterministic hash of a state dict: over its tensors in sorted key order, each as its name,
+    dtype, shape and bytes (on the CPU, contiguous). A LoRA checkpoint records its base model's."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -41,8 +41,13 @@ def check_optimizer_state(ckpt: dict[str, Any], optimizer, path: str | Path) -> 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu"):
     """The one way from a checkpoint to a model: build the architecture it declares, check that its
-    weights fit, load them. Resume, inference, serving and import all come here."""
+    weights fit, load them. Resume, inference, serving and import all come here. A LoRA
+    checkpoint: its base (identity checked) with its adapters (ckpt/lora.py)."""
+    from lmpipe.ckpt.lora import is_lora_checkpoint, lora_model_from_checkpoint
     from models import build_model
+
+    if is_lora_checkpoint(ckpt):
+        return lora_model_from_checkpoint(ckpt, device)
 
     arch = architecture(ckpt)
     model = build_model(arch)

@@ -64,10 +64,40 @@ def check(path: str | Path, trust_pickle: bool = False) -> Report:
         return r
     if not all(_intact(f, r) for f in r.view.files if f != path and f.suffix in (".pt", ".bin")):
         return r  # another file of the checkpoint (nanochat's optimizer shards, a .bin) is damaged
+    if _is_lora(r.view):
+        r.problems += _completeness(r.view) + _nonfinite(r.view) + _lora(r.view)
+        return r
     misfit = _architecture(r.view)
     r.problems += _completeness(r.view) + misfit + _nonfinite(r.view) + _optimizer(r.view,
                                                                                    exact=not misfit)
     return r
+
+
+def _is_lora(v: View) -> bool:
+    return v.format == "lmpipe" and isinstance(v.raw, dict) and bool(v.raw.get("base_model"))
+
+
+def _lora(v: View) -> list[Problem]:
+    """A LoRA checkpoint: its base (found, the one it was trained on), adapter tensors that fit it,
+    optimizer state that fits the adapters."""
+    import torch
+
+    from lmpipe.ckpt.lora import BaseProblem, lora_model_from_checkpoint
+    from lmpipe.ckpt.rebuild import check_optimizer_state
+    from models import param_groups
+
+    try:
+        model = lora_model_from_checkpoint(v.raw, what=str(v.path))
+    except UserError as e:
+        return [Problem("base" if isinstance(e, BaseProblem) else "architecture",
+                        str(e).removeprefix(f"{v.path}: "))]
+    if not v.optimizer:
+        return []
+    try:
+        check_optimizer_state(v.raw, torch.optim.AdamW(param_groups(model, 0.0)), v.path)
+    except UserError as e:
+        return [Problem("optimizer", str(e).removeprefix(f"{v.path}: "))]
+    return []
 
 
 def _intact(path: Path, r: Report) -> bool:

@@ -71,6 +71,9 @@ def add_parser(sub, add_config_args) -> None:
     p.add_argument("path")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors")
     p.add_argument("--out", help="output directory (default: beside the checkpoint)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA checkpoint: write the base with the adapters merged in (gpt: an "
+                        "lmpipe checkpoint file; gpt2: a Hugging Face directory)")
 
 
 def _shared_flags(add_config_args) -> tuple[argparse.ArgumentParser, ...]:
@@ -179,6 +182,9 @@ def cmd_inspect(args, cfg) -> int:
     t = d["tokenizer"]
     out += ["", "=== Tokenizer ===",
             f"  {t['kind']}, vocab size {t['vocab_size']} ({t['where']})" if t else "  none found"]
+    if d.get("lora"):
+        out += ["", "=== LoRA (adapter tensors only) ==="] + [f"  {k}: {v}"
+                                                            for k, v in d["lora"].items()]
     out += ["",
             "=== Versions ==="] + ([f"  {k}: {v}" for k,
                                     v in d["versions"].items()] or ["  not recorded"])
@@ -292,8 +298,12 @@ def cmd_import(args, cfg) -> int:
 
 
 def cmd_export(args, cfg) -> int:
-    from lmpipe.ckpt.convert import export
+    from lmpipe.ckpt.convert import export, export_merged
 
+    if args.merge:
+        out = export_merged(_resolve(args.path, cfg), args.out)
+        print(f"merged {args.path} -> {out}")
+        return 0
     out = export(_resolve(args.path, cfg), args.format, args.out)
     print(f"exported {args.path} -> {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0

@@ -57,9 +57,26 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
 def fresh_setup(cfg: Config, device: str) -> Setup:
     from models import build_model
 
+    if cfg.model.lora_r > 0:
+        return lora_setup(cfg, device)
     tok = tokenizer.load()
     torch.manual_seed(cfg.train.seed)
     model = build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size}).to(device)
+    return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
+
+
+def lora_setup(cfg: Config, device: str) -> Setup:
+    """A LoRA run: the base (gpt: the lmpipe checkpoint model.pretrained names, whose architecture
+    and tokenizer the run keeps; gpt2: the pretrained model) with fresh adapters; only the
+    adapters train."""
+    from lmpipe.ckpt.lora import base_for_training, wrap_base
+
+    cfg, base, tok, identity = base_for_training(cfg, tokenizer.load)
+    torch.manual_seed(cfg.train.seed)  # the adapters' initialisation
+    m = cfg.model
+    model = wrap_base(base, identity, {"r": m.lora_r, "alpha": m.lora_alpha,
+                                       "dropout": m.lora_dropout,
+                                       "targets": m.lora_target_modules}).to(device).train()
     return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
 
 

@@ -199,12 +199,13 @@ class TrainingSaver:
 
     def payload(self, step: int, state: TrainState) -> dict:
         cfg, tok = self.cfg, self.tok
+        weights, base = model_weights(self.model)
         return build_payload(
-            weights=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            weights=weights, optimizer=self.optimizer.state_dict(),
             hyperparameters={**cfg.to_dict(), "data": data_record(cfg, self.meta)},
             tokenizer_json=tok.to_json(), step=step, vocab_size=tok.vocab_size,
             block_size=cfg.model.block_size, source=self.meta["source"], run_id=self.run_id,
-            train_state=state.to_dict(), metrics=state.metrics())
+            train_state=state.to_dict(), metrics=state.metrics(), base_model=base)
 
     def save(self, step: int, state: TrainState, wait: bool = False) -> Path:
         # Metrics up to this step become durable with the checkpoint: after a kill, the resume
@@ -251,6 +252,16 @@ class TrainingSaver:
     def _saved(self, path: Path, entry: dict) -> None:  # on the writer thread when async
         print(f"saved checkpoint {path}", file=sys.stderr, flush=True)
         self.on_saved(path, entry)
+
+
+def model_weights(model) -> tuple[dict, dict | None]:
+    """What a checkpoint stores of `model`: its state_dict; for a LoRA model the adapter tensors
+    only, with the identity of its base (ckpt/lora.py)."""
+    from models import lora
+
+    if lora.is_lora(model):
+        return lora.adapter_state(model), model.base_identity
+    return model.state_dict(), None
 
 
 def data_record(cfg: Config, meta: dict) -> dict:
