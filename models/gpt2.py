@@ -94,7 +94,9 @@ class GPT2(nn.Module):
     def __init__(self, cfg: GPT2ModelConfig):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in lmpipe's output
         if cfg.hf_config:
             self.hf = GPT2LMHeadModel(GPT2Config(**cfg.hf_config))
         else:
