@@ -120,7 +120,8 @@ class GPT2(nn.Module):
         return self.hf.config.vocab_size
 
     def enable_gradient_checkpointing(self) -> None:
-        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hf.config.use_cache = False
 
     def new_cache(self) -> KVCache:
