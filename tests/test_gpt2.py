@@ -214,7 +214,8 @@ def test_seed_guide_gpt2_commands(project, hub, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     env = {"HF_HUB_CACHE": str(hub["cache"]), "HF_HUB_OFFLINE": "1", "MODEL_TYPE": "gpt2",
-           "PREFECT_API_URL": PREFECT_API_URL.value(), "ENABLE_CHECKPOINTS": "true"}
+           "PREFECT_API_URL": PREFECT_API_URL.value(), "ENABLE_CHECKPOINTS": "true",
+           "OMP_NUM_THREADS": "1"}
     (project / "params.yaml").write_text(
         (project / "params.yaml").read_text().replace("kind: char", "kind: auto"))
 
@@ -233,7 +234,7 @@ def test_seed_guide_gpt2_commands(project, hub, prefect_harness):
     assert len(a) == len(b) == 1
     for glob in (f"checkpoints/{a[0].name[:-20]}*.pt", f"checkpoints/{b[0].name[:-20]}*.pt"):
         r = script("scripts/load_checkpoint.py", CHECKPOINT_PATH=glob, MODE="inference",
-                   MAX_NEW_TOKENS="5")
+                   PROMPT="Dear Agnes,", MAX_NEW_TOKENS="5")
         assert r.stdout.startswith("Dear Agnes,")
     (project / "new_letters.md").write_text("Dear Agnes, my kettle sings. " * 60)
     script("training_resume.py", CHECKPOINT_PATH=f"checkpoints/{b[0].name}",
