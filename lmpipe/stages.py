@@ -15,7 +15,7 @@ from lmpipe import data, tokenizer
 from lmpipe.common.errors import UserError
 from lmpipe.common.fileio import atomic_write_text, file_md5
 from lmpipe.common.paths import METRICS, REGISTERED, SAMPLES, TOKEN_STATS, TOKENIZER_DIR, TRAIN_INFO
-from lmpipe.config import Config
+from lmpipe.config import Config, TokenizerConfig
 
 FINGERPRINT = TOKENIZER_DIR / "fingerprint"  # what the tokenizer was built from (cache check)
 
@@ -51,8 +51,39 @@ def preflight(cfg: Config) -> None:
                             f"{', '.join(map(repr, unknown))}; change the prompt")
     pick_device(cfg.train.device)
     pick_device(cfg.generate.device)
-    if cfg.tokenizer_kind() == "gpt2":
+    if cfg.train.gradient_checkpointing and cfg.model.type != "gpt2":
+        raise UserError(f"train.gradient_checkpointing=true: model.type {cfg.model.type} does not "
+                        "support it (only gpt2 does); set train.gradient_checkpointing=false")
+    if cfg.model.type == "gpt2":
+        check_pretrained(cfg)
+    elif cfg.tokenizer_kind() == "gpt2":
         tokenizer.load_gpt2(cfg.tokenizer.gpt2_path)
+
+
+def check_pretrained(cfg: Config) -> str:
+    """model.type gpt2: the pretrained model is there, its tokenizer is the one asked for, and its
+    positions hold model.block_size. Returns where it lies (a directory, or a hub name online)."""
+    name = cfg.model.pretrained
+    where = tokenizer.locate_pretrained(name)
+    kind = cfg.tokenizer_kind()
+    if kind != "gpt2":
+        raise UserError(f"tokenizer.kind={kind} cannot work with model.type=gpt2 "
+                        f"(model.pretrained={name!r}): the pretrained model reads its own "
+                        "tokenizer's ids; set tokenizer.kind=auto")
+    own = tokenizer.load_gpt2(where)
+    path = cfg.tokenizer.gpt2_path
+    if path not in (name, TokenizerConfig.gpt2_path) and \
+            tokenizer.load_gpt2(path).tok.get_vocab() != own.tok.get_vocab():
+        raise UserError(f"tokenizer.gpt2_path={path!r} has a different vocabulary from "
+                        f"model.pretrained={name!r}; leave tokenizer.gpt2_path unset (the model's "
+                        "own tokenizer is used)")
+    config = Path(where) / "config.json"
+    n_positions = json.loads(config.read_text()).get("n_positions") if config.is_file() else None
+    if n_positions is not None and cfg.model.block_size > n_positions:
+        raise UserError(f"model.block_size={cfg.model.block_size} is more than the "
+                        f"{n_positions} positions of model.pretrained={name!r}; set "
+                        f"model.block_size to {n_positions} or less")
+    return where
 
 
 # --- prepare -------------------------------------------------------------------------------------
@@ -84,6 +115,8 @@ def tokenizer_fingerprint(cfg: Config) -> str:
     meta = data.load_meta()
     parts = [json.dumps(asdict(cfg.tokenizer), sort_keys=True), file_md5(meta["train"]),
              file_md5(meta["val"])]
+    if cfg.model.type == "gpt2":  # the tokenizer is the pretrained model's own
+        parts.append(cfg.model.pretrained)
     return _code_hash("tokenizer.py", hashlib.sha256("|".join(parts).encode()).hexdigest())
 
 
@@ -98,8 +131,10 @@ def build_tokenizer(cfg: Config) -> dict:
 
     meta = data.load_meta()
     texts = {s: Path(meta[s]).read_text(encoding="utf-8") for s in ("train", "val")}
+    gpt2_path = (tokenizer.locate_pretrained(cfg.model.pretrained) if cfg.model.type == "gpt2"
+                 else cfg.tokenizer.gpt2_path)
     tok = tokenizer.build_tokenizer(cfg.tokenizer_kind(), texts["train"], texts["val"],
-                                    cfg.tokenizer.vocab_size, cfg.tokenizer.gpt2_path)
+                                    cfg.tokenizer.vocab_size, gpt2_path)
     stats = pd.read_csv(meta["stats"])
     stats["tokens"] = [len(tok.encode(texts[s])) for s in stats["split"]]
     stats["tokenizer"] = tok.kind
@@ -129,6 +164,8 @@ def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     from lmpipe.train.resume import Resume, check_architecture, recorded_data, say
     from lmpipe.train.run import run_training
 
+    if resume is None and not cfg.train.resume and cfg.model.type == "gpt2":
+        check_pretrained(cfg)  # fail before any work when the pretrained model is not here
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
         resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir),
                         total=cfg.train.steps)

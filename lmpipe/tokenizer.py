@@ -171,6 +171,25 @@ def load_gpt2(name_or_path: str) -> HFTokenizer:
         "directory, or set HF_HUB_OFFLINE=0 to allow a download")
 
 
+def locate_pretrained(name: str) -> str:
+    """model.pretrained as a directory from_pretrained (and load_gpt2) can read: a local directory,
+    or the snapshot in the local Hugging Face cache; with HF_HUB_OFFLINE=0 an uncached hub name is
+    returned as is (to be downloaded). Not found: one UserError line with the two fixes."""
+    from models.gpt2 import PretrainedNotFound, hub_cache, locate
+
+    try:
+        return locate(name)
+    except PretrainedNotFound as e:
+        fetch = (f"HF_HUB_OFFLINE=0 python -c \"from transformers import GPT2LMHeadModel, "
+                 f"AutoTokenizer; GPT2LMHeadModel.from_pretrained('{name}'); "
+                 f"AutoTokenizer.from_pretrained('{name}')\"")
+        raise UserError(
+            f"model.pretrained={name!r}: {e.reason} (looked in {e.looked}); pass a local model "
+            "directory (GPT2_MODEL_NAME=/path/to/model or -S model.pretrained=/path/to/model), or "
+            f"fetch it once on a connected machine ({fetch}) and copy its Hugging Face cache "
+            f"directory to {hub_cache()} (or point HF_HUB_CACHE at the copy)") from None
+
+
 def _hf_cached_file(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -13,6 +13,8 @@ MODELS = {
     "gpt": ("models.gpt", "GPTConfig", "GPT"),
     # nanochat's GPT, for imported checkpoints
     "nanochat": ("models.nanochat", "NanochatConfig", "Nanochat"),
+    # a pretrained GPT-2 (transformers' GPT2LMHeadModel), fine-tuned
+    "gpt2": ("models.gpt2", "GPT2ModelConfig", "GPT2"),
 }
 
 

@@ -195,13 +195,15 @@ def export(src: str | Path, fmt: str, out: str | Path | None = None) -> Path:
         raise UserError(f"{out}: already exists and is not empty; remove it or pass --out DIR")
     tok = tokenizer_from_checkpoint(ckpt)
     arch = architecture(ckpt)
-    if fmt == "hf" and arch["type"] != "gpt":
+    if fmt == "hf" and arch["type"] not in ("gpt", "gpt2"):
         raise UserError(f"{src}: a {arch['type']} model has no Hugging Face equivalent; use "
                         "--format safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        (_write_hf if fmt == "hf" else _write_safetensors)(tmp, ckpt, arch, tok)
+        write = _write_hf if fmt == "hf" else _write_safetensors
+        (_write_pretrained if fmt == "hf" and arch["type"] == "gpt2" else write)(tmp, ckpt, arch,
+                                                                                  tok)
         for f in tmp.iterdir():
             fsync_path(f)
         fsync_dir(tmp)
@@ -270,6 +272,19 @@ def _write_hf(d: Path, ckpt: dict, arch: dict, tok) -> None:
     hf_tok.save(str(d / "tokenizer.json"))
     _write_json(d / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
                                               "model_max_length": arch["block_size"]})
+
+
+def _write_pretrained(d: Path, ckpt: dict, arch: dict, tok) -> None:
+    """A fine-tuned GPT-2: the rebuilt GPT2LMHeadModel's save_pretrained, and its tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lmpipe.ckpt.rebuild import model_from_checkpoint
+
+    model_from_checkpoint(ckpt).hf.save_pretrained(d)
+    _write_json(d / "lmpipe.json", {"step": ckpt["step"], "source": ckpt.get("source")})
+    eot = "<|endoftext|>" if tok.tok.token_to_id("<|endoftext|>") is not None else None
+    PreTrainedTokenizerFast(tokenizer_object=tok.tok, bos_token=eot, eos_token=eot,
+                            unk_token=eot, model_max_length=arch["block_size"]).save_pretrained(d)
 
 
 def _char_as_hf(tok):

@@ -40,12 +40,13 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                   run_id: str | None = None, train_state: dict | None = None,
                   metrics: dict | None = None, imported_from: dict | None = None,
                   batch_size: int | None = None, model_type: str | None = None,
-                  base_model: dict | None = None) -> dict[str, Any]:
+                  base_model: dict | None = None, dtype: str | None = None) -> dict[str, Any]:
     """The dictionary a checkpoint file holds (save_checkpoint adds format_version). Training,
     `lmpipe ckpt import` and the tests all build it here. Optional parts left None are left out:
     a checkpoint without train_state is one a resume must restart the optimizer for. A LoRA
     checkpoint's weights are its adapter tensors only, and base_model names the base it adapts
-    (name, type, architecture, sha256 of its weights: ckpt/lora.py)."""
+    (name, type, architecture, sha256 of its weights: ckpt/lora.py). dtype: the precision it was
+    trained in (train.dtype resolved on the device; the weights are float32)."""
     payload = {"model_state_dict": weights, "optimizer_state_dict": optimizer,
                "hyperparameters": hyperparameters, "vocab_size": vocab_size,
                "block_size": block_size,
@@ -55,7 +56,7 @@ def build_payload(*, weights: dict, hyperparameters: dict, tokenizer_json: str, 
                "source": source,
                "tokenizer": tokenizer_json, "run_id": run_id, "train_state": train_state,
                "metrics": metrics if metrics is not None else {}, "versions": _versions(),
-               "imported_from": imported_from, "base_model": base_model}
+               "imported_from": imported_from, "base_model": base_model, "dtype": dtype}
     return {k: v for k, v in payload.items() if v is not None}
 
 

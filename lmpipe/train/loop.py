@@ -5,6 +5,7 @@ One plain function with callbacks (no Trainer class): the caller decides what a 
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -128,21 +129,24 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
           val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
           callbacks: Callbacks | None = None, state: TrainState | None = None,
-          clock: Callable[[], float] = time.monotonic) -> TrainState:
+          clock: Callable[[], float] = time.monotonic, dtype: str = "float32") -> TrainState:
     """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final
-    state.
+    state. Each step draws batch_size × grad_accum_steps sequences, as grad_accum_steps
+    micro-batches, under autocast to `dtype` (float32: none; common.device.resolve_dtype).
     `clock` (seconds) times the progress lines: their ETA and heartbeat."""
     cb = callbacks or Callbacks()
     state = state or TrainState.fresh(cfg)
     total = state.schedule.end
     progress = _Progress(state.step, total, clock=clock)
-    window = _Window(cfg.batch_size * block_size)
+    window = _Window(cfg.batch_size * cfg.grad_accum_steps * block_size)
+    amp = _Amp(dtype, device)
     model.train()
     while state.step < total:
         t0 = time.perf_counter()
         lr = state.schedule.lr_at(state.step)
-        batch = get_batch(train_data, block_size, cfg.batch_size, state.sampler, device)
-        window.add(_step(model, optimizer, batch, lr, cfg.grad_clip), time.perf_counter() - t0)
+        batch = get_batch(train_data, block_size, cfg.batch_size * cfg.grad_accum_steps,
+                          state.sampler, device)
+        window.add(_step(model, optimizer, batch, lr, cfg, amp), time.perf_counter() - t0)
         state.step += 1
 
         logged = state.step % cfg.log_interval == 0 or state.step == total
@@ -172,17 +176,51 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          batch: tuple[torch.Tensor, torch.Tensor], lr: float, grad_clip: float) -> float:
-    """One optimizer step on `batch` at learning rate `lr`; returns the batch's loss."""
+          batch: tuple[torch.Tensor, torch.Tensor], lr: float, cfg: TrainConfig,
+          amp: "_Amp") -> float:
+    """One optimizer step on `batch` at learning rate `lr`, its gradient accumulated over
+    cfg.grad_accum_steps micro-batches; returns the batch's mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    _, loss = model(*batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.item()
+    accum, total = cfg.grad_accum_steps, 0.0
+    for x, y in zip(batch[0].chunk(accum), batch[1].chunk(accum), strict=True):
+        with amp.autocast():
+            _, loss = model(x, y)
+        amp.backward(loss / accum)
+        total += loss.item()
+    amp.step(optimizer, model, cfg.grad_clip)
+    return total / accum
+
+
+class _Amp:
+    """Mixed precision for one dtype: autocast (bfloat16, float16) and, for float16, a GradScaler.
+    float32 does nothing."""
+
+    def __init__(self, dtype: str, device: str):
+        self.device_type = device.split(":")[0]
+        self.dtype = None if dtype == "float32" else getattr(torch, dtype)
+        self.scaler = torch.amp.GradScaler(self.device_type) if dtype == "float16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
+             grad_clip: float) -> None:
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
 
 
 def _evaluate(model: torch.nn.Module, val_data: torch.Tensor, cfg: TrainConfig, block_size: int,

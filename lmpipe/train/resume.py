@@ -72,7 +72,11 @@ def check_architecture(ckpt: dict, model_cfg, path: Path, how: str) -> None:
     """A resume trains the checkpoint's own architecture: refuse a configuration that asks for
     another one (it would be silently ignored, and recorded as if it had been trained)."""
     saved = config_from_dict(ckpt["hyperparameters"]).model
-    keys = [k for k in asdict(saved) if getattr(saved, k) != getattr(model_cfg, k)]
+    default = type(saved)()
+    keys = [k for k in asdict(saved) if getattr(saved, k) != getattr(model_cfg, k)
+            # which pretrained model it started from: part of the checkpoint, unless asked for
+            and not (k in ("pretrained", "variant")
+                     and getattr(model_cfg, k) == getattr(default, k))]
     if keys:
         has = ", ".join(f"{k}={getattr(saved, k)}" for k in keys)
         asked = joined([str(getattr(model_cfg, k)) for k in keys])

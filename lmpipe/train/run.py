@@ -14,12 +14,13 @@ from lmpipe.ckpt.rebuild import (
     tokenizer_from_checkpoint,
 )
 from lmpipe.ckpt.store import load_checkpoint
-from lmpipe.common.device import pick_device
+from lmpipe.common.device import pick_device, resolve_dtype
 from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
 from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
 from lmpipe.train.resume import Resume, has_train_state, plan, say
-from lmpipe.train.saver import GracefulStop, TrainingSaver
+from lmpipe.train.saver import GracefulStop, TrainingSaver, variant_slug
+from models import build_model
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Setup:
     tok: object
     parent_run_id: str | None = None
     device: str = "cpu"
+    dtype: str = "float32"  # train.dtype resolved on the device (autocast; weights stay float32)
     meta: dict = field(default_factory=dict)  # data/prepared/meta.json
     train_ids: torch.Tensor | None = None
     val_ids: torch.Tensor | None = None
@@ -55,13 +57,12 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
 
 
 def fresh_setup(cfg: Config, device: str) -> Setup:
-    from models import build_model
-
     if cfg.model.lora_r > 0:
         return lora_setup(cfg, device)
     tok = tokenizer.load()
     torch.manual_seed(cfg.train.seed)
-    model = build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size}).to(device)
+    model = (pretrained_model(cfg, tok) if cfg.model.type == "gpt2"
+             else build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size})).to(device)
     return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
 
 
@@ -78,6 +79,31 @@ def lora_setup(cfg: Config, device: str) -> Setup:
                                        "dropout": m.lora_dropout,
                                        "targets": m.lora_target_modules}).to(device).train()
     return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
+
+
+def pretrained_model(cfg: Config, tok):
+    """model.type gpt2: the pretrained weights (model.pretrained), whose tokenizer `tok` must be."""
+    where = tokenizer.locate_pretrained(cfg.model.pretrained)
+    try:
+        model = build_model({**asdict(cfg.model), "pretrained": where})
+    except (ValueError, OSError) as e:  # block_size beyond n_positions; unreadable model files
+        raise UserError(f"model.pretrained={cfg.model.pretrained!r}: {e}") from None
+    if model.vocab_size != tok.vocab_size:
+        raise UserError(f"{tokenizer.TOKENIZER_FILE} has {tok.vocab_size} tokens, "
+                        f"model.pretrained={cfg.model.pretrained!r} {model.vocab_size}; rebuild "
+                        "the tokenizer with 'lmpipe stage tokenizer' (tokenizer.kind auto)")
+    return model
+
+
+def precision(s: Setup) -> Setup:
+    """train.gradient_checkpointing and train.dtype applied to the model on s.device."""
+    if s.cfg.train.gradient_checkpointing:
+        enable = getattr(s.model, "enable_gradient_checkpointing", None)
+        if enable is None:
+            raise UserError(f"train.gradient_checkpointing=true: model.type {s.cfg.model.type} "
+                            "does not support it (only gpt2 does); set it to false")
+        enable()
+    return replace(s, dtype=resolve_dtype(s.cfg.train.dtype, s.device))
 
 
 def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
@@ -116,7 +142,8 @@ def set_up(cfg: Config, resume: Resume | None) -> Setup:
     """The model, optimizer, loop state and tokenizer (fresh, or from the checkpoint) and the
     prepared data, encoded."""
     device = pick_device(cfg.train.device)
-    s = resume_setup(cfg, resume, device) if resume else fresh_setup(cfg, device)
+    s = precision(replace(resume_setup(cfg, resume, device) if resume
+                          else fresh_setup(cfg, device), device=device))
     meta, block = data.load_meta(), s.cfg.model.block_size
     train_ids = encode_split(s.tok, meta["train"], block, "train")
     val_ids = encode_split(s.tok, meta["val"], block, "val")
@@ -128,20 +155,22 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     s = set_up(cfg, resume)
     cfg, meta = s.cfg, s.meta
     experiment_id = tracking.setup(cfg.tracking.experiment)
-    run_name = f"{cfg.model.type}-{meta['source']}"
+    slug = variant_slug(cfg.model.variant)
+    run_name = f"{cfg.model.type}-{meta['source']}" + (f"-{slug}" if slug else "")
     with tracking.training_run(experiment_id, run_name, s.parent_run_id) as run, \
             GracefulStop() as stop:
         tracker = tracking.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
         saver = TrainingSaver(cfg, meta, tracker.run_id, stop, model=s.model, optimizer=s.optimizer,
                               tok=s.tok, flush=tracker.flush, on_saved=tracker.checkpoint_saved,
+                              dtype=s.dtype,
                               protect=(resume.checkpoint,) if resume else ())
         hooks = Callbacks(on_log=tracker.log, on_eval=tracker.log_eval, should_save=saver.due,
                           on_save=saver.save, should_stop=saver.stop_requested,
                           on_stop=saver.save_and_stop)
         try:
             state = train(s.model, s.optimizer, s.train_ids, s.val_ids, cfg.train,
-                          cfg.model.block_size, s.device, hooks, s.state)
+                          cfg.model.block_size, s.device, hooks, s.state, dtype=s.dtype)
         finally:
             saver.wait()
             tracker.flush()

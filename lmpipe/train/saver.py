@@ -184,10 +184,11 @@ class TrainingSaver:
 
     def __init__(self, cfg: Config, meta: dict, run_id: str, stop: GracefulStop, *, model,
                  optimizer, tok, flush: Callable[[], None],
-                 on_saved: Callable[[Path, dict], None], protect: tuple[Path, ...] = ()):
+                 on_saved: Callable[[Path, dict], None], protect: tuple[Path, ...] = (),
+                 dtype: str | None = None):
         self.cfg, self.meta, self.run_id, self.stop = cfg, meta, run_id, stop
         self.model, self.optimizer, self.tok = model, optimizer, tok  # what each checkpoint holds
-        self.flush, self.on_saved = flush, on_saved
+        self.flush, self.on_saved, self.dtype = flush, on_saved, dtype
         self.dir = Path(cfg.checkpoint.dir)
         self.ckpts = Checkpointer(self.dir, cfg.checkpoint, run_id, protect, on_saved=self._saved)
 
@@ -195,14 +196,22 @@ class TrainingSaver:
         return self.cfg.checkpoint.enabled and step % self.cfg.checkpoint.interval == 0
 
     def path(self, step: int) -> Path:
-        return self.dir / checkpoint_filename(self.cfg.model.type, self.meta["source"], step)
+        """checkpoint_{model}_{source}[_{variant slug}]_step..., the slug when model.variant is set
+        (GPT2_MODEL_NAME), so that the guide's globs tell gpt2 from gpt2-medium apart."""
+        slug = variant_slug(self.cfg.model.variant)
+        source = f"{self.meta['source']}_{slug}" if slug else self.meta["source"]
+        return self.dir / checkpoint_filename(self.cfg.model.type, source, step)
 
     def payload(self, step: int, state: TrainState) -> dict:
         cfg, tok = self.cfg, self.tok
         weights, base = model_weights(self.model)
+        model = cfg.to_dict()["model"]
+        if getattr(self.model, "hf_config", None):  # a pretrained architecture: rebuilt from it
+            model["hf_config"] = self.model.hf_config
         return build_payload(
             weights=weights, optimizer=self.optimizer.state_dict(),
-            hyperparameters={**cfg.to_dict(), "data": data_record(cfg, self.meta)},
+            hyperparameters={**cfg.to_dict(), "model": model,
+                             "data": data_record(cfg, self.meta)}, dtype=self.dtype,
             tokenizer_json=tok.to_json(), step=step, vocab_size=tok.vocab_size,
             block_size=cfg.model.block_size, source=self.meta["source"], run_id=self.run_id,
             train_state=state.to_dict(), metrics=state.metrics(), base_model=base)
@@ -262,6 +271,13 @@ def model_weights(model) -> tuple[dict, dict | None]:
     if lora.is_lora(model):
         return lora.adapter_state(model), model.base_identity
     return model.state_dict(), None
+
+
+def variant_slug(variant: str) -> str:
+    """model.variant in a file name: a local directory's last component, lowercased, letters and
+    digits only (gpt2-medium → gpt2medium)."""
+    name = Path(variant.rstrip("/\\")).name if variant else ""
+    return "".join(c for c in name.lower() if c.isalnum())
 
 
 def data_record(cfg: Config, meta: dict) -> dict:
