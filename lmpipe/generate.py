@@ -20,7 +20,7 @@ def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
     for _ in range(max_new_tokens):
         if cache is None:
             logits, _ = model(idx[:, -block:])  # (B, T, vocab)
-        elif len(cache) > 0 and len(cache) < block and len(cache) == idx.size(1) - 1:
+        elif 0 < _cached(cache) < block and _cached(cache) == idx.size(1) - 1:
             logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab)
         else:  # first step, or the window slid: every position moved, recompute the window
             cache = model.new_cache()
@@ -28,6 +28,13 @@ def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
         idx = torch.cat((idx, _draw(logits[:, -1, :], temperature, top_k, generator, vocab_limit)
                          .to(idx.device)), dim=1)
     return idx
+
+
+def _cached(cache) -> int:
+    """Tokens in a cache: len(cache) by the protocol; transformers' own Cache objects count
+    layers with len(), tokens with get_seq_length()."""
+    seq_length = getattr(cache, "get_seq_length", None)
+    return seq_length() if seq_length is not None else len(cache)
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_k: int,
