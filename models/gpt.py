@@ -21,6 +21,35 @@ class GPTConfig:
     bias: bool = False
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated (B, nh, block_size, hs) buffer
+    pair per layer (allocated on first use, with the keys' batch, dtype and device).
+    len(cache) is the number of cached tokens; GPT.forward writes at that offset, then advances."""
+
+    def __init__(self, n_layer: int, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    def __len__(self) -> int:
+        return self.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) after the cached tokens; return all keys and values so far,
+        views of (B, nh, len + T, hs)."""
+        start, end = self.length, self.length + k.size(2)
+        if self.layers[layer] is None:
+            shape = (k.size(0), k.size(1), self.capacity, k.size(3))
+            self.layers[layer] = (k.new_empty(shape), v.new_empty(shape))
+        kbuf, vbuf = self.layers[layer]  # (B, nh, capacity, hs)
+        kbuf[:, :, start:end] = k
+        vbuf[:, :, start:end] = v
+        return kbuf[:, :, :end], vbuf[:, :, :end]  # (B, nh, len + T, hs)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -30,14 +59,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+                ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
         # (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None or len(cache) == 0:
+            if cache is not None:
+                cache.update(layer, k, v)
             # (B, nh, T, hs)
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            past = len(cache)
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            mask = None  # one new token sees every cached one
+            if T > 1:  # query i sits at position past + i and sees keys 0 .. past + i
+                rows = torch.arange(T, device=x.device).unsqueeze(1)  # (T, 1)
+                mask = torch.arange(past + T, device=x.device) <= rows + past  # (T, past + T)
+            # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -61,8 +103,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+                ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -94,15 +137,28 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding: model(idx, cache=cache)."""
+        return KVCache(len(self.transformer.h), self.block_size)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """idx (B, T); with a cache, idx holds only the tokens not yet cached: their positions
+        start at len(cache), their keys and values are appended, the logits are theirs."""
         B, T = idx.shape
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        past = 0 if cache is None else len(cache)
+        if past + T > self.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds block_size {self.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         # (B, T, C)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        if cache is None:
+            for block in self.transformer.h:
+                x = block(x)
+        else:
+            for layer, block in enumerate(self.transformer.h):
+                x = block(x, cache, layer)
+            cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
