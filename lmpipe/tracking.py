@@ -230,12 +230,16 @@ def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, param
     return model.model_id
 
 
-def pip_requirements() -> list[str]:
-    """Explicit: inference is slow (~10 s) and drops torch's +cpu label."""
+def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
+    """Explicit: inference is slow (~10 s) and drops torch's +cpu label. `params` (cfg.flat()):
+    a gpt2 model also needs transformers, LoRA adapters peft."""
     from importlib.metadata import version
 
+    params = params or {}
     pins = ["mlflow", "torch", "tokenizers", "pandas", "numpy", "pyyaml"]
-    return [f"{p}=={version(p).split('+')[0]}" for p in pins]
+    pins += ["transformers"] if params.get("model.type") == "gpt2" else []
+    pins += ["peft", "transformers"] if params.get("model.lora_r") else []
+    return [f"{p}=={version(p).split('+')[0]}" for p in dict.fromkeys(pins)]
 
 
 def model_signature(generate: GenerateConfig):
@@ -269,7 +273,7 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
             name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
-            pip_requirements=pip_requirements(), registered_model_name=name, step=step,
+            pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
             params={k: str(v) for k, v in params.items()}, await_registration_for=60)
     version = str(info.registered_model_version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}",

@@ -53,7 +53,7 @@ def test_every_problem_is_reported_with_key_value_and_allowed(tmp_path):
     text = str(e.value)
     assert "train.steps must be a positive integer, got -5" in text
     assert "train.lr must be a number, got 'abc'" in text
-    assert "model.type must be one of bigram, gpt, nanochat, got 'transformer'" in text
+    assert "model.type must be one of bigram, gpt, nanochat, gpt2, got 'transformer'" in text
     assert "model.n_embd must be divisible by model.n_head" in text
     assert "unknown key 'train.nope'" in text
     assert ("train.device must be one of auto, cpu, cuda, mps, got 'tpu' "
@@ -120,7 +120,7 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
         load_config(p, ["by_model.bigram.model.type=gpt", "by_model.bigram.lr=1",
                         "model.type=bigram", "by_model.bigram.train.steps=abc"], env={})
     assert e.value.problems == [
-        f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat",
+        f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat, gpt2",
         f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
         "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, "
         "eval_interval, eval_batches, log_interval, seed, device, grad_accum_steps, "

@@ -85,3 +85,14 @@ def test_models_without_a_cache_still_generate(kind):
     idx = torch.zeros(1, 20, dtype=torch.long)
     a = draw(model, idx, 10, 0, True)
     assert a.shape == (1, 30) and torch.equal(a, draw(model, idx, 10, 0, False))
+
+
+@pytest.mark.parametrize("prompt_len", [3, 12])  # 12 + 20 new tokens slides gpt2's 16-token window
+def test_gpt2_generates_the_same_with_transformers_cache(prompt_len):
+    torch.manual_seed(0)
+    model = build_model({"type": "gpt2", "block_size": 16, "hf_config": {
+        "vocab_size": 40, "n_positions": 16, "n_layer": 2, "n_head": 2, "n_embd": 8}}).eval()
+    idx = torch.randint(0, 40, (1, prompt_len))
+    outs = [sample(model, idx, 20, 0.9, 5, torch.Generator().manual_seed(7), use_cache=c)
+            for c in (True, False)]
+    assert torch.equal(outs[0], outs[1])

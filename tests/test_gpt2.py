@@ -240,3 +240,34 @@ def test_seed_guide_gpt2_commands(project, hub, prefect_harness):
     script("training_resume.py", CHECKPOINT_PATH=f"checkpoints/{b[0].name}",
            TRAINING_DATA_SOURCE="new_letters.md", RESUME_TRAINING_STEPS="2")
     assert sorted(ckpts.glob("checkpoint_gpt2_*_gpt2medium_step0006*.pt"))
+
+
+def test_lora_on_gpt2_stores_adapters_merges_and_knows_its_base(project, hub, monkeypatch):
+    """model.lora.r on gpt2: only adapter tensors plus the base's identity are saved; the rebuilt
+    model and the merged Hugging Face export give the same logits; another model under the
+    base's name is refused, naming both."""
+    from hf_models import hf_cache
+    from transformers import GPT2LMHeadModel
+
+    from lmpipe.ckpt.convert import export_merged
+
+    cfg = load_config("params.yaml", ["model.lora.r=4", "train.steps=4", "tokenizer.kind=auto"],
+                      env={"MODEL_TYPE": "gpt2"})
+    stages.prepare(cfg)
+    stages.build_tokenizer(cfg)
+    path = stages.train(cfg)["checkpoint"]
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_state_dict"] and all("lora_" in k for k in ckpt["model_state_dict"])
+    assert ckpt["base_model"]["name"] == "gpt2" and len(ckpt["base_model"]["sha256"]) == 64
+    model = model_from_checkpoint(ckpt)
+    out = export_merged(path, project / "merged")
+    merged = GPT2LMHeadModel.from_pretrained(out).eval()
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    assert torch.allclose(model(idx)[0], merged(idx).logits, atol=1e-5)
+    other = project / "other-hub"
+    hf_cache(other, "gpt2", hub["gpt2-medium"])  # a different model under the base's name
+    monkeypatch.setenv("HF_HUB_CACHE", str(other))
+    with pytest.raises(UserError) as e:
+        model_from_checkpoint(ckpt)
+    assert "gpt2" in str(e.value) and ckpt["base_model"]["sha256"][:12] in str(e.value)
+    assert "\n" not in str(e.value)

@@ -7,6 +7,9 @@ from models import MODELS, build_model
 
 TINY = {"vocab_size": 11, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 8, "dropout": 0.1,
         "bias": True}
+# gpt2 is rebuilt from its stored GPT2Config (no hub): the same tiny shape
+HF_CONFIG = {"gpt2": {"hf_config": {"vocab_size": 11, "n_positions": 8, "n_layer": 2, "n_head": 2,
+                                    "n_embd": 8}}}
 
 
 def test_config_accepts_exactly_the_registered_models():
@@ -16,7 +19,7 @@ def test_config_accepts_exactly_the_registered_models():
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_every_model_builds_and_has_the_right_shapes(kind):
     torch.manual_seed(0)
-    model = build_model({"type": kind, **TINY})
+    model = build_model({"type": kind, **TINY, **HF_CONFIG.get(kind, {})})
     idx = torch.randint(0, 11, (3, 8))  # (B, T)
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 8, 11)

@@ -276,15 +276,20 @@ def _write_hf(d: Path, ckpt: dict, arch: dict, tok) -> None:
 
 def _write_pretrained(d: Path, ckpt: dict, arch: dict, tok) -> None:
     """A fine-tuned GPT-2: the rebuilt GPT2LMHeadModel's save_pretrained, and its tokenizer."""
-    from transformers import PreTrainedTokenizerFast
-
     from lmpipe.ckpt.rebuild import model_from_checkpoint
 
     model_from_checkpoint(ckpt).hf.save_pretrained(d)
     _write_json(d / "lmpipe.json", {"step": ckpt["step"], "source": ckpt.get("source")})
+    _save_hf_tokenizer(d, tok, arch["block_size"])
+
+
+def _save_hf_tokenizer(d: Path, tok, block_size: int) -> None:
+    """The checkpoint's own byte-level BPE as a Hugging Face tokenizer (no hub needed)."""
+    from transformers import PreTrainedTokenizerFast
+
     eot = "<|endoftext|>" if tok.tok.token_to_id("<|endoftext|>") is not None else None
     PreTrainedTokenizerFast(tokenizer_object=tok.tok, bos_token=eot, eos_token=eot,
-                            unk_token=eot, model_max_length=arch["block_size"]).save_pretrained(d)
+                            unk_token=eot, model_max_length=block_size).save_pretrained(d)
 
 
 def _char_as_hf(tok):
@@ -342,9 +347,9 @@ def _save_merged_checkpoint(out: Path, ckpt: dict, merged, src: Path) -> None:
 
 
 def _save_merged_hf(out: Path, ckpt: dict, merged) -> None:
-    """save_pretrained of the Hugging Face model inside the merged model, with the base's
+    """save_pretrained of the Hugging Face model inside the merged model, with the checkpoint's
     tokenizer, written under a temporary name and renamed into place."""
-    from transformers import AutoTokenizer
+    from lmpipe.ckpt.rebuild import tokenizer_from_checkpoint
 
     hf = next((m for m in merged.modules() if hasattr(m, "save_pretrained")), None)
     if hf is None:
@@ -354,7 +359,7 @@ def _save_merged_hf(out: Path, ckpt: dict, merged) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         hf.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(ckpt["base_model"]["name"]).save_pretrained(tmp)
+        _save_hf_tokenizer(tmp, tokenizer_from_checkpoint(ckpt), ckpt["block_size"])
         for f in tmp.iterdir():
             fsync_path(f)
         os.replace(tmp, out)
