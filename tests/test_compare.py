@@ -45,9 +45,53 @@ def bpe_gpt(d: Path) -> Path:
     return path
 
 
-# Each builder writes one checkpoint of its kind into a folder and returns its path. GPT-2 and LoRA
-# builders join this list: compare has nothing type-specific.
-BUILDERS = [char_gpt, char_bigram, bpe_gpt]
+def gpt2(d: Path) -> Path:
+    """A (tiny, untrained) GPT-2 with its own byte-level BPE, rebuilt from its stored config."""
+    from hf_models import _tokenizer
+
+    from lmpipe.ckpt.payload import build_payload
+    from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
+    from lmpipe.config import Config, ModelConfig, TokenizerConfig
+    from lmpipe.tokenizer import HFTokenizer
+    from models import build_model
+
+    tok = HFTokenizer("gpt2", _tokenizer().backend_tokenizer)
+    hf = {"vocab_size": tok.vocab_size, "n_positions": 16, "n_layer": 1, "n_head": 2, "n_embd": 8}
+    model = build_model({"type": "gpt2", "block_size": 16, "hf_config": hf})
+    hp = Config(tokenizer=TokenizerConfig(kind="gpt2"),
+                model=ModelConfig(type="gpt2", block_size=16)).to_dict()
+    hp["model"]["hf_config"] = hf
+    path = Path(d) / checkpoint_filename("gpt2", "letters", 40)
+    save_checkpoint(path, build_payload(
+        weights=model.state_dict(), hyperparameters=hp, tokenizer_json=tok.to_json(), step=40,
+        vocab_size=tok.vocab_size, block_size=16, source="letters"))
+    return path
+
+
+def lora_gpt(d: Path) -> Path:
+    """LoRA adapters (r=4) on a char gpt base checkpoint: adapters and base identity only."""
+    from lmpipe.ckpt.lora import base_for_training, wrap_base
+    from lmpipe.ckpt.payload import build_payload
+    from lmpipe.ckpt.store import checkpoint_filename, save_checkpoint
+    from lmpipe.tokenizer import load as load_tokenizer
+    from lmpipe.train.saver import model_weights
+
+    base = save_lmpipe(Path(d), step=10, source="base")
+    cfg = load_config(None, [f"model.pretrained={base}", "model.lora.r=4"], env={})
+    cfg, model, tok, identity = base_for_training(cfg, load_tokenizer)
+    model = wrap_base(model, identity, {"r": 4, "alpha": 16.0, "dropout": 0.0, "targets": ""})
+    weights, base_model = model_weights(model)
+    path = Path(d) / checkpoint_filename("gpt", "lora", 50)
+    save_checkpoint(path, build_payload(
+        weights=weights, hyperparameters=cfg.to_dict(), tokenizer_json=tok.to_json(), step=50,
+        vocab_size=tok.vocab_size, block_size=cfg.model.block_size, source="lora",
+        base_model=base_model))
+    return path
+
+
+# Each builder writes one checkpoint of its kind into a folder and returns its path: compare has
+# nothing type-specific.
+BUILDERS = [char_gpt, char_bigram, bpe_gpt, gpt2, lora_gpt]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +115,8 @@ def test_one_row_per_model_with_finite_bpb_and_samples_from_the_same_prompt(setu
     paths, _, s = setup
     rows = compare.compare(paths, s)
     assert [r["path"] for r in rows] == [str(p) for p in paths]
-    assert [r["model_type"] for r in rows] == ["gpt", "bigram", "gpt"]
-    assert [r["tokenizer"] for r in rows] == ["char", "char", "bpe"]
+    assert [r["model_type"] for r in rows] == ["gpt", "bigram", "gpt", "gpt2", "gpt+lora(r=4)"]
+    assert [r["tokenizer"] for r in rows] == ["char", "char", "bpe", "gpt2", "char"]
     for r in rows:
         assert math.isfinite(r["val_bpb"]) and r["val_bpb"] > 0
         assert math.isfinite(r["val_loss"]) and r["perplexity"] == pytest.approx(
