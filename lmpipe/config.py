@@ -175,6 +175,7 @@ PER_MODEL_SECTIONS = ("model", "train")
 ALIASES = {"checkpoint.async": "checkpoint.async_save", "model.lora.r": "model.lora_r",
            "model.lora.alpha": "model.lora_alpha", "model.lora.dropout": "model.lora_dropout",
            "model.lora.target_modules": "model.lora_target_modules"}
+LORA_NAMES = {v: k for k, v in ALIASES.items() if k.startswith("model.lora.")}
 NESTED = {"model.lora"}  # params.yaml mappings inside a section: model: {lora: {r: 8}}
 
 
@@ -482,14 +483,15 @@ _INVALID = object()  # a value that cannot be read as its field's type
 def _check(key: str, value: Any, typ: str, where: str, problems: list[str]) -> Any:
     """`value` read as the field's type and checked against RULES; each problem is one line naming
     the key, the value, where it came from and what is allowed. _INVALID if it cannot be read."""
+    name = LORA_NAMES.get(key, key)  # as params.yaml and -S spell it
     try:
         value = _coerce(value, typ)
     except ValueError as e:
-        problems.append(f"{key} must be {e}, got {value!r} (from {where})")
+        problems.append(f"{name} must be {e}, got {value!r} (from {where})")
         return _INVALID
     check = RULES.get(key)
     if check and not check[0](value):
-        problems.append(f"{key} must be {check[1]}, got {value!r} (from {where})")
+        problems.append(f"{name} must be {check[1]}, got {value!r} (from {where})")
     return value
 
 

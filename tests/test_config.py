@@ -148,3 +148,13 @@ def test_config_command_prints_the_resolved_values(capsys):
     assert "by_model" not in printed
     bigram_lr = repo["by_model"]["bigram"]["train"]["lr"]
     assert printed["train"]["lr"] == bigram_lr != repo["train"]["lr"]
+
+
+def test_lora_settings_nest_under_model_and_a_negative_rank_is_refused(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("model:\n  lora:\n    r: 8\n    target_modules: [c_attn, c_proj]\n")
+    m = load_config(p, env={}).model
+    assert (m.lora_r, m.lora_target_modules) == (8, "c_attn,c_proj")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["model.lora.r=-1"], env={})
+    assert e.value.problems == ["model.lora.r must be an integer >= 0, got -1 (from -S)"]
