@@ -68,12 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", default="latest",
                    help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
+    _add_sampling_args(p)
     _add_config_args(p)
 
     _add_compare_parser(sub)
@@ -84,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ckpt.add_parser(sub, _add_config_args)
     return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """generate's and compare's sampling flags; unset ones come from the generate section."""
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
 
 
 def _add_compare_parser(sub) -> None:
@@ -102,12 +107,7 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--max-batches", type=int, default=None,
                    help="score at most N batches of each model's windows (default: "
                         "evaluate.max_batches; 0: the whole text)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda", "mps"))
+    _add_sampling_args(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--log", action="store_true",
                    help="also record the comparison as an MLflow run (tracking.experiment), "
