@@ -115,3 +115,24 @@ def test_progress_heartbeat_between_long_log_intervals(capsys):
         n = int(m[4])
         assert n == int(m[1]) and float(m[2]) == pytest.approx(sum(per_step[:n]) / n, abs=1e-4)
     assert parsed[-1][3] is None  # the last step is a log line of its own
+
+
+def test_dtype_auto_is_float32_on_cpu_and_an_unsupported_one_falls_back_in_one_line(capsys):
+    from lmpipe.common.device import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"  # CPU autocast supports bfloat16
+    assert resolve_dtype("float16", "cpu") == "float32"
+    assert capsys.readouterr().err == ("lmpipe: warning: train.dtype=float16 is not supported "
+                                       "on cpu; training in float32\n")
+
+
+def test_bfloat16_autocast_trains_on_cpu():
+    torch.manual_seed(0)
+    cfg = _cfg("train.steps=30")
+    data = torch.tensor([i % 7 for i in range(500)])
+    model = build_model({"type": "gpt", "vocab_size": 7, "n_layer": 1, "n_head": 2, "n_embd": 16,
+                         "block_size": 8})
+    state = train(model, make_optimizer(model, cfg), data, data, cfg, 8, "cpu", dtype="bfloat16")
+    losses = [h["train_loss"] for h in state.history if "train_loss" in h]
+    assert losses[-1] < losses[0] and all(p.dtype == torch.float32 for p in model.parameters())
