@@ -100,3 +100,23 @@ def test_latest_and_glob_resolution(tmp_path):
     assert re.search("step0010", resolve_checkpoint(str(tmp_path / "*step0010*"), tmp_path).name)
     with pytest.raises(UserError, match="no checkpoints in"):
         resolve_checkpoint("latest", tmp_path / "empty")
+
+
+def test_an_asynchronous_save_keeps_tied_weights_one_tensor(tmp_path):
+    """The async snapshot copies into reused buffers; wte and lm_head (one tensor) stay one in
+    the file, which is then the size a synchronous save writes."""
+    from lmpipe.config import CheckpointConfig
+    from lmpipe.train.saver import Checkpointer
+
+    _, _, payload = _payload()
+    sizes = []
+    for async_save in (True, False):
+        d = tmp_path / f"async{async_save}"
+        saver = Checkpointer(d, CheckpointConfig(async_save=async_save), "r")
+        saver.save(d / "c.pt", payload)
+        saver.wait()
+        sd = load_checkpoint(d / "c.pt")["model_state_dict"]
+        w, head = sd["transformer.wte.weight"], sd["lm_head.weight"]
+        assert w.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
+        sizes.append((d / "c.pt").stat().st_size)
+    assert abs(sizes[0] - sizes[1]) < 1024

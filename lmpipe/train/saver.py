@@ -114,18 +114,26 @@ class Checkpointer:
         if self.on_saved:
             self.on_saved(path, entry)
 
-    def _snapshot(self, payload: Any, key: tuple = ()) -> Any:
-        """A copy of `payload` whose tensors live in CPU buffers reused from save to save."""
+    def _snapshot(self, payload: Any, key: tuple = (), seen: dict | None = None) -> Any:
+        """A copy of `payload` whose tensors live in CPU buffers reused from save to save. Tensors
+        that are one tensor (tied weights: wte and lm_head) stay one in the copy, so the file
+        holds them once, as a synchronous save's does."""
+        seen = {} if seen is None else seen
         if isinstance(payload, torch.Tensor):
+            alias = (payload.untyped_storage().data_ptr(), payload.storage_offset(),
+                     tuple(payload.shape), payload.stride(), payload.dtype, payload.device)
+            if alias in seen:
+                return seen[alias]
             buf = self._buffers.get(key)
             if buf is None or buf.shape != payload.shape or buf.dtype != payload.dtype:
                 buf = self._buffers[key] = torch.empty_like(payload, device="cpu")
             buf.copy_(payload.detach())
+            seen[alias] = buf
             return buf
         if isinstance(payload, dict):
-            return {k: self._snapshot(v, (*key, k)) for k, v in payload.items()}
+            return {k: self._snapshot(v, (*key, k), seen) for k, v in payload.items()}
         if isinstance(payload, (list, tuple)):
-            return type(payload)(self._snapshot(v, (*key, i)) for i, v in enumerate(payload))
+            return type(payload)(self._snapshot(v, (*key, i), seen) for i, v in enumerate(payload))
         return payload
 
     # --- retention and disk space ----------------------------------------------------------------
