@@ -183,8 +183,10 @@ def _describe(path: Path) -> None:
 
     ckpt = load_checkpoint(path, mmap=True)
     m = ckpt["hyperparameters"]["model"]
-    arch = ", ".join(f"{k}={m[k]}" for k in ("n_layer", "n_head",
-                                             "n_embd") if k in m and m["type"] != "bigram")
+    dims = m.get("hf_config") or m  # a pretrained GPT-2's own sizes, not params.yaml's
+    arch = ", ".join(f"{k}={dims[k]}" for k in ("n_layer", "n_head",
+                                                "n_embd") if k in dims and m["type"] != "bigram")
+    arch += f", pretrained {m['pretrained']}" if m["type"] == "gpt2" else ""
     print(f"checkpoint {path}\n  model {ckpt['model_type']}{' (' + arch + ')' if arch else ''}, "
           f"step {ckpt['step']}, vocab_size {ckpt['vocab_size']}, block_size {ckpt['block_size']}, "
           f"batch_size {ckpt['batch_size']}, optimizer state "
