@@ -13,11 +13,12 @@ Targets: cached / un-cached >= 3x; lmpipe cached / transformers >= 1.0x.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
+
+from bench import quiet_offline_transformers
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=1024)
 VOCAB = 65
@@ -88,10 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--uncached-tokens", type=int, default=50)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_offline_transformers()
     torch.manual_seed(0)
     secs, same = run_rounds(args.rounds, args.uncached_tokens)
     n = args.uncached_tokens

@@ -7,12 +7,13 @@ Target: ratio >= 1.1.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from bench import quiet_offline_transformers
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 BATCH = 12
@@ -79,10 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_offline_transformers()
     torch.manual_seed(0)
     data, vocab = corpus_ids()
     hf = "transformers GPT2LMHeadModel"
