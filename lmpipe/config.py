@@ -146,6 +146,13 @@ class Config:
             return self.tokenizer.kind
         return "gpt2" if self.model.type == "gpt2" else "char"
 
+    def unsupported_gradient_checkpointing(self) -> str | None:
+        """Why train.gradient_checkpointing cannot apply to model.type, or None."""
+        if self.train.gradient_checkpointing and self.model.type != "gpt2":
+            return (f"train.gradient_checkpointing=true: model.type {self.model.type} does not "
+                    "support it (only gpt2 does); set train.gradient_checkpointing=false")
+        return None
+
     def flat(self) -> dict[str, Any]:
         """{"train.lr": 0.001, ...}: every hyperparameter under its params.yaml key."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}

@@ -51,9 +51,8 @@ def preflight(cfg: Config) -> None:
                             f"{', '.join(map(repr, unknown))}; change the prompt")
     pick_device(cfg.train.device)
     pick_device(cfg.generate.device)
-    if cfg.train.gradient_checkpointing and cfg.model.type != "gpt2":
-        raise UserError(f"train.gradient_checkpointing=true: model.type {cfg.model.type} does not "
-                        "support it (only gpt2 does); set train.gradient_checkpointing=false")
+    if cfg.unsupported_gradient_checkpointing():
+        raise UserError(cfg.unsupported_gradient_checkpointing())
     if cfg.model.type == "gpt2":
         check_pretrained(cfg)
     elif cfg.tokenizer_kind() == "gpt2":
@@ -70,7 +69,7 @@ def check_pretrained(cfg: Config) -> str:
         raise UserError(f"tokenizer.kind={kind} cannot work with model.type=gpt2 "
                         f"(model.pretrained={name!r}): the pretrained model reads its own "
                         "tokenizer's ids; set tokenizer.kind=auto")
-    own = tokenizer.load_gpt2(where)
+    own = tokenizer.load_gpt2(where)  # the model's own tokenizer must load, whatever else is set
     path = cfg.tokenizer.gpt2_path
     if path not in (name, TokenizerConfig.gpt2_path) and \
             tokenizer.load_gpt2(path).tok.get_vocab() != own.tok.get_vocab():

@@ -193,12 +193,13 @@ def _lora_summary(v: View) -> dict[str, Any]:
     raw = v.raw if v.format == "lmpipe" and isinstance(v.raw, dict) else {}
     if not raw.get("base_model"):
         return {}
-    from lmpipe.ckpt.lora import build_base, lora_settings
+    from lmpipe.ckpt.lora import build_base, lora_settings, model_section
 
     build_base(raw["base_model"], str(v.path))
     base = raw["base_model"]
-    return {"lora": {**lora_settings(raw), "base": base.get("name"), "base_type": base.get("type"),
-                     "base_sha256": base.get("sha256"), "base_check": "found, sha256 matches"}}
+    return {"lora": {**lora_settings(model_section(raw)), "base": base.get("name"),
+                     "base_type": base.get("type"), "base_sha256": base.get("sha256"),
+                     "base_check": "found, sha256 matches"}}
 
 
 def _info(info: dict[str, Any]) -> dict[str, Any]:

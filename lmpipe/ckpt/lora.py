@@ -91,11 +91,17 @@ def build_base(base: dict[str, Any], what: str = "LoRA checkpoint"):
     return model
 
 
-def lora_settings(ckpt: dict[str, Any]) -> dict[str, Any]:
-    m = (ckpt.get("hyperparameters") or {}).get("model") or {}
+def lora_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """wrap_base's settings from a model section (asdict(cfg.model), or a checkpoint's)."""
+    m = model
     return {"r": int(m.get("lora_r") or 0), "alpha": float(m.get("lora_alpha") or 16.0),
             "dropout": float(m.get("lora_dropout") or 0.0),
             "targets": str(m.get("lora_target_modules") or "")}
+
+
+def model_section(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters.model ({} when absent)."""
+    return (ckpt.get("hyperparameters") or {}).get("model") or {}
 
 
 def wrap_base(model, base: dict[str, Any], settings: dict[str, Any]):
@@ -114,7 +120,7 @@ def lora_model_from_checkpoint(ckpt: dict[str, Any], device: str = "cpu",
     from models import lora
 
     base = ckpt["base_model"]
-    model = wrap_base(build_base(base, what), base, lora_settings(ckpt))
+    model = wrap_base(build_base(base, what), base, lora_settings(model_section(ckpt)))
     try:
         lora.load_adapter_state(model, ckpt["model_state_dict"])
     except ValueError as e:

@@ -70,14 +70,11 @@ def lora_setup(cfg: Config, device: str) -> Setup:
     """A LoRA run: the base (gpt: the lmpipe checkpoint model.pretrained names, whose architecture
     and tokenizer the run keeps; gpt2: the pretrained model) with fresh adapters; only the
     adapters train."""
-    from lmpipe.ckpt.lora import base_for_training, wrap_base
+    from lmpipe.ckpt.lora import base_for_training, lora_settings, wrap_base
 
     cfg, base, tok, identity = base_for_training(cfg, tokenizer.load)
     torch.manual_seed(cfg.train.seed)  # the adapters' initialisation
-    m = cfg.model
-    model = wrap_base(base, identity, {"r": m.lora_r, "alpha": m.lora_alpha,
-                                       "dropout": m.lora_dropout,
-                                       "targets": m.lora_target_modules}).to(device).train()
+    model = wrap_base(base, identity, lora_settings(asdict(cfg.model))).to(device).train()
     return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
 
 
@@ -97,12 +94,10 @@ def pretrained_model(cfg: Config, tok):
 
 def precision(s: Setup) -> Setup:
     """train.gradient_checkpointing and train.dtype applied to the model on s.device."""
+    if s.cfg.unsupported_gradient_checkpointing():
+        raise UserError(s.cfg.unsupported_gradient_checkpointing())
     if s.cfg.train.gradient_checkpointing:
-        enable = getattr(s.model, "enable_gradient_checkpointing", None)
-        if enable is None:
-            raise UserError(f"train.gradient_checkpointing=true: model.type {s.cfg.model.type} "
-                            "does not support it (only gpt2 does); set it to false")
-        enable()
+        s.model.enable_gradient_checkpointing()
     return replace(s, dtype=resolve_dtype(s.cfg.train.dtype, s.device))
 
 
