@@ -12,15 +12,15 @@ def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
            vocab_limit: int | None = None, use_cache: bool = True) -> torch.Tensor:
     """idx (B, T) → (B, T + max_new_tokens); the context is cropped to the model's block_size.
     vocab_limit: never sample ids at or above it (nanoGPT pads GPT-2's 50257 tokens to 50304).
-    use_cache: with a model that has new_cache(), feed only the new token each step and keep the
-    others' keys and values; the output is the same token for token (the cache is rebuilt from
-    the cropped window whenever the window slides)."""
+    use_cache: with a model that has new_cache() (len(cache): the tokens it holds), feed only the
+    new token each step and keep the others' keys and values; the output is the same token for
+    token (the cache is rebuilt from the cropped window whenever the window slides)."""
     block = model.block_size
     cache = model.new_cache() if use_cache and hasattr(model, "new_cache") else None
     for _ in range(max_new_tokens):
         if cache is None:
             logits, _ = model(idx[:, -block:])  # (B, T, vocab)
-        elif 0 < _cached(cache) < block and _cached(cache) == idx.size(1) - 1:
+        elif 0 < len(cache) < block and len(cache) == idx.size(1) - 1:
             logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1, vocab)
         else:  # first step, or the window slid: every position moved, recompute the window
             cache = model.new_cache()
@@ -28,13 +28,6 @@ def sample(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int, tempe
         idx = torch.cat((idx, _draw(logits[:, -1, :], temperature, top_k, generator, vocab_limit)
                          .to(idx.device)), dim=1)
     return idx
-
-
-def _cached(cache) -> int:
-    """Tokens in a cache: len(cache) by the protocol; transformers' own Cache objects count
-    layers with len(), tokens with get_seq_length()."""
-    seq_length = getattr(cache, "get_seq_length", None)
-    return seq_length() if seq_length is not None else len(cache)
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_k: int,
