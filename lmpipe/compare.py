@@ -210,9 +210,9 @@ def to_json(rows: list[dict[str, Any]], s: Settings) -> str:
 
 
 def log(rows: list[dict[str, Any]], s: Settings, experiment: str) -> str:
-    """The comparison as one MLflow run (lmpipe/tracking.py): the checkpoints and settings as
+    """The comparison as one MLflow run (lmpipe/tracking/runs.py): the checkpoints and settings as
     params, each model's metrics under its name, the table as compare.md and compare.json."""
-    from lmpipe import tracking
+    from lmpipe.tracking.runs import log_comparison
 
     params = {f"checkpoint_{i}": r["path"] for i, r in enumerate(rows, 1)}
     params.update({k: v for k, v in asdict(s).items() if k != "device"})
@@ -224,4 +224,4 @@ def log(rows: list[dict[str, Any]], s: Settings, experiment: str) -> str:
                          "size_mb") if math.isfinite(float(r[k]))})
     artifacts = {"compare.md": "```\n" + render_table(rows, s) + "```\n",
                  "compare.json": to_json(rows, s)}
-    return tracking.log_comparison(experiment, params, metrics, artifacts, {"val_text": s.text})
+    return log_comparison(experiment, params, metrics, artifacts, {"val_text": s.text})

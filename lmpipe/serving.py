@@ -33,7 +33,8 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
     @staticmethod
     def settings(params: dict | None) -> dict:
         """predict's params over the generate section's defaults. Loaded through MLflow, the
-        signature (tracking.model_signature) has already filled in the registering run's values."""
+        signature (tracking.registry.model_signature) has already filled in the registering run's
+        values."""
         from lmpipe.config import GenerateConfig
 
         return {**GenerateConfig().sampling(), **(params or {})}

@@ -198,6 +198,7 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
     from lmpipe.ckpt.rebuild import load_for_inference
     from lmpipe.common.device import pick_device
     from lmpipe.evaluation import evaluate as eval_model
+    from lmpipe.tracking import runs
 
     info = _train_info(train_info)
     device = pick_device(cfg.train.device)
@@ -208,7 +209,7 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
                          cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
     _write_json(METRICS, {**metrics, "step": ckpt["step"]})
     tracking.setup(cfg.tracking.experiment)
-    tracking.log_eval_metrics(info["run_id"], ckpt["step"], metrics, info.get("final_model_id"))
+    runs.log_eval_metrics(info["run_id"], ckpt["step"], metrics, info.get("final_model_id"))
     return metrics
 
 
@@ -220,6 +221,7 @@ def generate(cfg: Config, train_info: dict | None = None) -> dict:
     from lmpipe.ckpt.rebuild import load_for_inference
     from lmpipe.common.device import pick_device
     from lmpipe.generate import generate_text
+    from lmpipe.tracking import runs
 
     info = _train_info(train_info)
     g = cfg.generate
@@ -231,7 +233,7 @@ def generate(cfg: Config, train_info: dict | None = None) -> dict:
     text = "\n\n-----\n\n".join(samples) + "\n"
     atomic_write_text(SAMPLES, text)
     tracking.setup(cfg.tracking.experiment)
-    tracking.log_samples(info["run_id"], ckpt["step"], text)
+    runs.log_samples(info["run_id"], ckpt["step"], text)
     return {"samples": str(SAMPLES), "text": samples[0]}
 
 
@@ -245,13 +247,14 @@ def registered_name(cfg: Config, source: str) -> str:
 def register(cfg: Config, train_info: dict | None = None) -> dict:
     """Register the final checkpoint as a pyfunc model version → outputs/registered.json."""
     from lmpipe import tracking
+    from lmpipe.tracking import registry
 
     info = _train_info(train_info)
     if not cfg.tracking.register:
         result = {"registered": False}
     else:
         tracking.setup(cfg.tracking.experiment)
-        result = tracking.register_model(info["run_id"], Path(info["checkpoint"]),
+        result = registry.register_model(info["run_id"], Path(info["checkpoint"]),
                                          registered_name(cfg, info["source"]), info["step"],
                                          cfg.flat(), cfg.generate)
     _write_json(REGISTERED, result)

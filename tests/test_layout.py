@@ -14,7 +14,7 @@ LAYERS = [
     ("lmpipe/cli/", "lmpipe/__main__.py"),  # the command line (`lmpipe`, `python -m lmpipe`)
     # the pipeline's stages (what tasks/ and `lmpipe stage` run), and `lmpipe compare` (A/B)
     ("lmpipe/stages.py", "lmpipe/compare.py"),
-    ("lmpipe/train/", "lmpipe/tracking.py", "lmpipe/serving.py", "lmpipe/serving_model.py"),
+    ("lmpipe/train/", "lmpipe/tracking/", "lmpipe/serving.py", "lmpipe/serving_model.py"),
     ("lmpipe/ckpt/",),  # the checkpoint format and its tools: knows nothing of training
     ("lmpipe/config.py", "lmpipe/data.py", "lmpipe/tokenizer.py", "lmpipe/generate.py",
      "lmpipe/evaluation.py", "lmpipe/__init__.py"),
@@ -30,15 +30,15 @@ FORBIDDEN = [
      "nothing imports the command line: it sits on top of what it calls"),
     ("lmpipe/common/", "* !lmpipe/common/",
      "lmpipe/common/ is the bottom layer of lmpipe: it imports nothing else of the project"),
-    ("* !lmpipe/tracking.py !lmpipe/serving.py !lmpipe/serving_model.py", "mlflow",
-     "MLflow is used through lmpipe/tracking.py and lmpipe/serving.py only"),
+    ("* !lmpipe/tracking/ !lmpipe/serving.py !lmpipe/serving_model.py", "mlflow",
+     "MLflow is used through lmpipe/tracking/ and lmpipe/serving.py only"),
     ("lmpipe/ models/", "prefect", "Prefect is tasks/ and flows/ only: lmpipe runs without it"),
 ]
 
 # The table must say at least this (issue #9): (importer, imported, allowed?).
 EXPECTED = [
     ("lmpipe/ckpt/verify.py", "lmpipe/train/loop.py", False),
-    ("lmpipe/ckpt/store.py", "lmpipe/tracking.py", False),
+    ("lmpipe/ckpt/store.py", "lmpipe/tracking/runs.py", False),
     ("lmpipe/ckpt/store.py", "lmpipe/stages.py", False),
     ("lmpipe/ckpt/store.py", "lmpipe/serving.py", False),
     ("lmpipe/ckpt/store.py", "lmpipe/cli/ckpt.py", False),
@@ -59,7 +59,7 @@ EXPECTED = [
     ("lmpipe/stages.py", "prefect", False),
     ("lmpipe/cli/__init__.py", "lmpipe/cli/main.py", True),
     ("lmpipe/__main__.py", "lmpipe/cli/main.py", True),
-    ("lmpipe/tracking.py", "mlflow", True),
+    ("lmpipe/tracking/runs.py", "mlflow", True),
     ("lmpipe/serving_model.py", "mlflow", True),
     ("tasks/train.py", "prefect", True),
     ("flows/pipeline.py", "tasks/train.py", True),
@@ -154,7 +154,7 @@ def test_mlflow_is_imported_by_tracking_and_serving_only():
     graph = build()
     bad = [e for e, _ in _violations(graph) if e.target == "mlflow"]
     if bad:
-        pytest.fail("mlflow imported outside lmpipe/tracking.py and lmpipe/serving.py:\n"
+        pytest.fail("mlflow imported outside lmpipe/tracking/ and lmpipe/serving.py:\n"
                     + "\n".join(f"  {_describe(graph, e)}" for e in bad), pytrace=False)
 
 

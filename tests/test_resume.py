@@ -161,7 +161,7 @@ def test_keep_best_ranks_only_val_losses_measured_at_the_checkpoint_step(tmp_pat
 
 
 def test_val_step_travels_with_the_training_state_and_older_states_load():
-    from lmpipe.tracking import logged_metrics
+    from lmpipe.tracking.runs import logged_metrics
 
     state = TrainState.fresh(_cfg().train)
     state.step, state.last_val_loss, state.last_val_step = 25, 1.0, 20

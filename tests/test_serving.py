@@ -8,7 +8,7 @@ from lmpipe.config import GenerateConfig, load_config
 
 
 def test_the_signature_defaults_are_the_runs_generate_section():
-    from lmpipe.tracking import model_signature
+    from lmpipe.tracking.registry import model_signature
 
     g = load_config(None, ["generate.max_new_tokens=42", "generate.temperature=1.5",
                            "generate.top_k=7", "generate.seed=99"], env={}).generate

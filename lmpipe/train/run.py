@@ -1,5 +1,5 @@
 """The train stage: tokenized data + a model (fresh, or resumed from a checkpoint) + the loop,
-wired to checkpoints (train.saver.TrainingSaver) and MLflow (tracking.TrainingTracker)."""
+wired to checkpoints (train.saver.TrainingSaver) and MLflow (tracking.runs.TrainingTracker)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -17,6 +17,7 @@ from lmpipe.ckpt.store import load_checkpoint
 from lmpipe.common.device import pick_device, resolve_dtype
 from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
+from lmpipe.tracking import runs
 from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
 from lmpipe.train.resume import Resume, has_train_state, plan, say
 from lmpipe.train.saver import GracefulStop, TrainingSaver, variant_slug
@@ -152,9 +153,9 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     experiment_id = tracking.setup(cfg.tracking.experiment)
     slug = variant_slug(cfg.model.variant)
     run_name = f"{cfg.model.type}-{meta['source']}" + (f"-{slug}" if slug else "")
-    with tracking.training_run(experiment_id, run_name, s.parent_run_id) as run, \
+    with runs.training_run(experiment_id, run_name, s.parent_run_id) as run, \
             GracefulStop() as stop:
-        tracker = tracking.TrainingTracker(run, experiment_id, cfg)
+        tracker = runs.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
         saver = TrainingSaver(cfg, meta, tracker.run_id, stop, model=s.model, optimizer=s.optimizer,
                               tok=s.tok, flush=tracker.flush, on_saved=tracker.checkpoint_saved,
@@ -170,7 +171,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             saver.wait()
             tracker.flush()
         final = saver.final(state.step)
-        tracking.log_training_artifacts(write_training_log(state))
+        runs.log_training_artifacts(write_training_log(state))
     return {
         "run_id": tracker.run_id, "experiment_id": experiment_id, "checkpoint": str(final),
         "checkpoints": [str(p) for p in saver.saved], "checkpoint_dir": str(saver.dir),
@@ -184,14 +185,14 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
     """The run's resume tags, its params (a new run's only) and its lineage tags."""
     cfg, meta = s.cfg, s.meta
     if resume:  # a continued run's params are immutable: record the resume as tags
-        tracking.record_resume(s.state.step, resume.checkpoint, s.state.schedule.to_dict(),
+        runs.record_resume(s.state.step, resume.checkpoint, s.state.schedule.to_dict(),
                                f"{meta.get('source_spec')} ({meta.get('fingerprint')})")
-    tracking.log_run_params(run, {**cfg.flat(), "vocab_size": s.tok.vocab_size,
+    runs.log_run_params(run, {**cfg.flat(), "vocab_size": s.tok.vocab_size,
                                   "n_params": s.n_params, "device": s.device,
                                   "source_name": meta["source"]})
     inputs = {"data.train": meta["train"], "data.val": meta["val"],
               "tokenizer": tokenizer.TOKENIZER_FILE}
-    tracking.tag_run(inputs, {"lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
+    runs.tag_run(inputs, {"lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,
                               "lmpipe.source": meta["source"]})
 
 

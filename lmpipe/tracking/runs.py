@@ -1,42 +1,16 @@
-"""MLflow glue: the tracking URI, runs, lineage tags, checkpoints as logged models, registration.
-
-The default store is embedded: an SQLite database plus artifacts under ./mlruns. MLFLOW_TRACKING_URI
-selects a tracking server instead. The URI is always set explicitly: MLflow 3.17 refuses the plain
-file store, and a leftover file store in ./mlruns would otherwise hijack its default.
-"""
+"""Training runs in MLflow: the run, its params and tags, step metrics, each checkpoint as a logged
+model at its step, the evaluate and generate stages' results, and `lmpipe compare`'s run."""
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmpipe.tracking import setup
+from lmpipe.tracking.lineage import lineage_tags
+
 if TYPE_CHECKING:
-    from lmpipe.config import Config, GenerateConfig
-
-MLRUNS = Path("mlruns")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS.resolve()}/mlflow.db"
-
-
-def setup(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use)."""
-    import mlflow
-
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        MLRUNS.mkdir(exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        # Local store: artifacts beside the database, not in MLflow's cwd-relative default.
-        location = (MLRUNS / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-        return mlflow.create_experiment(experiment, artifact_location=location)
-    return exp.experiment_id
+    from lmpipe.config import Config
 
 
 def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = None):
@@ -173,39 +147,6 @@ def logged_metrics(entry: dict) -> dict[str, float]:
     return {} if val is None else {"val_loss": val}
 
 
-def ui_hint() -> str:
-    uri = tracking_uri()
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}   (or: make ui)"
-    return uri
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-    return commit + ("-dirty" if dirty and commit != "unknown" else "")
-
-
-def lineage_tags(data_files: dict[str, str | Path]) -> dict[str, str]:
-    """The git commit plus, for each input file, the md5 DVC records for it in dvc.lock."""
-    from lmpipe.common.fileio import file_md5
-
-    commit = git_commit()
-    tags = {"mlflow.source.git.commit": commit, "lmpipe.git_commit": commit}
-    for name, path in data_files.items():
-        if not Path(path).exists():
-            continue
-        tags[f"dvc.{name}.md5"] = file_md5(path)
-        tags[f"dvc.{name}.path"] = str(path)
-    return tags
-
-
 def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, params: dict[str, Any],
                    metrics: dict[str, float]) -> str:
     """A checkpoint as an MLflow 3 logged model at its step: the file, its hyperparameters and
@@ -228,56 +169,6 @@ def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, param
                            model_id=model.model_id)
     client.finalize_logged_model(model.model_id, "READY")
     return model.model_id
-
-
-def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
-    """Explicit: inference is slow (~10 s) and drops torch's +cpu label. `params` (cfg.flat()):
-    a gpt2 model also needs transformers, LoRA adapters peft."""
-    from importlib.metadata import version
-
-    params = params or {}
-    pins = ["mlflow", "torch", "tokenizers", "pandas", "numpy", "pyyaml"]
-    pins += ["transformers"] if params.get("model.type") == "gpt2" else []
-    pins += ["peft", "transformers"] if params.get("model.lora_r") else []
-    return [f"{p}=={version(p).split('+')[0]}" for p in dict.fromkeys(pins)]
-
-
-def model_signature(generate: GenerateConfig):
-    """The served model's signature: prompts in, text out, and predict params whose defaults are
-    the generate section of the registering run's configuration."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    kind = {f.name: {"int": "long", "float": "double"}.get(str(f.type)) for f in fields(generate)}
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec(k, kind[k], v) for k, v in generate.sampling().items()]))
-
-
-def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
-                   generate: GenerateConfig) -> dict:
-    """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
-    `generate`: the run's generate section, the defaults of predict's params."""
-    import warnings
-
-    import mlflow
-
-    root = Path(__file__).resolve().parent.parent
-    signature = model_signature(generate)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # explicit signature instead
-        warnings.filterwarnings("ignore", message=r".*input[ _]example")
-        info = mlflow.pyfunc.log_model(
-            # Models from code: the model is this file plus the code paths, nothing is pickled.
-            name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
-            pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
-            params={k: str(v) for k, v in params.items()}, await_registration_for=60)
-    version = str(info.registered_model_version)
-    return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
-            "model_id": info.model_id}
 
 
 def log_comparison(experiment: str, params: dict[str, Any], metrics: dict[str, float],

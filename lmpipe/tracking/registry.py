@@ -1,0 +1,59 @@
+"""The model registry: a checkpoint as a served pyfunc model version, its signature and pins."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmpipe.config import GenerateConfig
+
+
+def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
+    """Explicit: inference is slow (~10 s) and drops torch's +cpu label. `params` (cfg.flat()):
+    a gpt2 model also needs transformers, LoRA adapters peft."""
+    from importlib.metadata import version
+
+    params = params or {}
+    pins = ["mlflow", "torch", "tokenizers", "pandas", "numpy", "pyyaml"]
+    pins += ["transformers"] if params.get("model.type") == "gpt2" else []
+    pins += ["peft", "transformers"] if params.get("model.lora_r") else []
+    return [f"{p}=={version(p).split('+')[0]}" for p in dict.fromkeys(pins)]
+
+
+def model_signature(generate: GenerateConfig):
+    """The served model's signature: prompts in, text out, and predict params whose defaults are
+    the generate section of the registering run's configuration."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kind = {f.name: {"int": "long", "float": "double"}.get(str(f.type)) for f in fields(generate)}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(k, kind[k], v) for k, v in generate.sampling().items()]))
+
+
+def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
+                   generate: GenerateConfig) -> dict:
+    """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
+    `generate`: the run's generate section, the defaults of predict's params."""
+    import warnings
+
+    import mlflow
+
+    root = Path(__file__).resolve().parents[2]
+    signature = model_signature(generate)
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # explicit signature instead
+        warnings.filterwarnings("ignore", message=r".*input[ _]example")
+        info = mlflow.pyfunc.log_model(
+            # Models from code: the model is this file plus the code paths, nothing is pickled.
+            name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
+            pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
+            params={k: str(v) for k, v in params.items()}, await_registration_for=60)
+    version = str(info.registered_model_version)
+    return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
+            "model_id": info.model_id}
