@@ -214,6 +214,18 @@ def log(rows: list[dict[str, Any]], s: Settings, experiment: str) -> str:
     params, each model's metrics under its name, the table as compare.md and compare.json."""
     from lmpipe.tracking.runs import log_comparison
 
+    return log_comparison(experiment, *_logged(rows, s))
+
+
+def log_into(run_id: str, rows: list[dict[str, Any]], s: Settings) -> None:
+    """What `log` logs, into an existing run (the A/B flow's parent run)."""
+    from lmpipe.tracking.runs import log_comparison_into
+
+    log_comparison_into(run_id, *_logged(rows, s))
+
+
+def _logged(rows: list[dict[str, Any]], s: Settings) -> tuple[dict, dict, dict, dict]:
+    """(params, metrics, artifacts, lineage inputs) of a comparison in MLflow."""
     params = {f"checkpoint_{i}": r["path"] for i, r in enumerate(rows, 1)}
     params.update({k: v for k, v in asdict(s).items() if k != "device"})
     metrics = {}
@@ -224,4 +236,45 @@ def log(rows: list[dict[str, Any]], s: Settings, experiment: str) -> str:
                          "size_mb") if math.isfinite(float(r[k]))})
     artifacts = {"compare.md": "```\n" + render_table(rows, s) + "```\n",
                  "compare.json": to_json(rows, s)}
-    return log_comparison(experiment, params, metrics, artifacts, {"val_text": s.text})
+    return params, metrics, artifacts, {"val_text": s.text}
+
+
+# --- the A/B flow (flows/ab.py): one parent run, its children's final checkpoints compared -------
+
+def open_ab_run(cfg: Config, names: list[str], params: dict[str, Any]) -> str:
+    """The A/B test's parent run (named ab-<N>configs, left running): the configurations' names
+    and `params` as params. Returns its id."""
+    from lmpipe.tracking.runs import start_parent_run
+
+    configs = {f"config_{i}": name for i, name in enumerate(names, 1)}
+    return start_parent_run(cfg.tracking.experiment, f"ab-{len(names)}configs",
+                            {**configs, **params}, {"lmpipe.kind": "ab"})
+
+
+def compare_ab(cfg: Config, trained: list[dict[str, Any]], names: list[str],
+               parent_run_id: str) -> tuple[list[dict[str, Any]], Settings]:
+    """The children's final checkpoints (trained: train_model's results) compared, one row per
+    child under its name; each child's scores logged on its own run as the evaluate stage's
+    eval_* metrics, and the table into the parent run (compare.md, compare.json)."""
+    from lmpipe import tracking
+    from lmpipe.tracking.runs import log_eval_metrics
+
+    s = settings(cfg)
+    rows = compare([Path(t["checkpoint"]) for t in trained], s)
+    tracking.setup(cfg.tracking.experiment)
+    for row, t, name in zip(rows, trained, names, strict=True):
+        row["name"] = name
+        scores = {"val_loss": row["val_loss"], "perplexity": row["perplexity"],
+                  "bits_per_byte": row["val_bpb"], "tokens": row["eval_tokens"]}
+        log_eval_metrics(t["run_id"], row["step"], scores, t.get("final_model_id"))
+    log_into(parent_run_id, rows, s)
+    return rows, s
+
+
+def close_ab_run(cfg: Config, run_id: str, ok: bool) -> None:
+    """The parent run ends FINISHED, or FAILED when the A/B test did not complete."""
+    from lmpipe import tracking
+    from lmpipe.tracking.runs import end_run
+
+    tracking.setup(cfg.tracking.experiment)
+    end_run(run_id, ok)

@@ -123,6 +123,10 @@ class TrackingConfig:
     register: bool = True
     model_name: str = ""  # "": lmpipe-{model}-{source}
     log_checkpoints: bool = True  # every checkpoint also becomes an MLflow logged model (a copy)
+    # set by the A/B flow, not in params.yaml: the training run becomes a child of this run (its
+    # mlflow.parentRunId tag), under this name ("": the usual name)
+    parent_run_id: str = ""
+    run_name: str = ""
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,48 @@ def record_resume(step: int, checkpoint: Path, schedule: dict, data: str) -> Non
     mlflow.set_tags({at: str(checkpoint), f"{at}.schedule": str(schedule), f"{at}.data": data})
 
 
+# Settings that place a run rather than shape the model: the run's parent tag and name show them.
+NOT_PARAMS = ("tracking.parent_run_id", "tracking.run_name")
+
+
 def log_run_params(run, params: dict[str, Any]) -> None:
-    """The params of a new run (also one resuming an imported or foreign checkpoint); a continued
-    run keeps those it has."""
+    """The params of a new run (also one resuming an imported or foreign checkpoint), less
+    NOT_PARAMS; a continued run keeps those it has."""
     import mlflow
 
     if not run.data.params:
-        mlflow.log_params(params)
+        mlflow.log_params({k: v for k, v in params.items() if k not in NOT_PARAMS})
+
+
+def place_run(run_id: str, parent_run_id: str, name: str) -> None:
+    """An A/B child: its parent (the mlflow.parentRunId tag the UI nests runs by) and its name,
+    when given (tracking.parent_run_id, tracking.run_name)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if parent_run_id:
+        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+    if name:
+        client.update_run(run_id, name=name)
+
+
+def start_parent_run(experiment: str, name: str, params: dict[str, Any],
+                     tags: dict[str, str]) -> str:
+    """A run that others join as children (the A/B flow's), left running; returns its id."""
+    from mlflow import MlflowClient
+
+    experiment_id = setup(experiment)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, str(value))
+    return run.info.run_id
+
+
+def end_run(run_id: str, ok: bool) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
 def tag_run(inputs: dict[str, str | Path], tags: dict[str, str]) -> None:
@@ -114,7 +149,9 @@ class TrainingTracker:
 
     def __init__(self, run, experiment_id: str, cfg: Config):
         self.run_id, self.experiment_id = run.info.run_id, experiment_id
-        self.params, self.log_checkpoints = cfg.flat(), cfg.tracking.log_checkpoints
+        self.params = {k: v for k, v in cfg.flat().items() if k not in NOT_PARAMS}
+        self.log_checkpoints = cfg.tracking.log_checkpoints
+        place_run(self.run_id, cfg.tracking.parent_run_id, cfg.tracking.run_name)
         self.metrics = MetricLog(self.run_id)
         self.model_ids: dict[int, str] = {}  # step → the logged model of its checkpoint
 
@@ -180,9 +217,20 @@ def log_comparison(experiment: str, params: dict[str, Any], metrics: dict[str, f
     experiment_id = setup(experiment)
     with mlflow.start_run(run_name="compare", experiment_id=experiment_id,
                           tags={"lmpipe.kind": "compare"}) as run:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-        mlflow.log_metrics(metrics)
-        mlflow.set_tags(lineage_tags(inputs))
-        for name, text in artifacts.items():
-            mlflow.log_text(text, name)
+        log_comparison_into(run.info.run_id, params, metrics, artifacts, inputs)
     return run.info.run_id
+
+
+def log_comparison_into(run_id: str, params: dict[str, Any], metrics: dict[str, float],
+                        artifacts: dict[str, str], inputs: dict[str, str | Path]) -> None:
+    """log_comparison's content into an existing run (the A/B flow's parent run)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in lineage_tags(inputs).items()])
+    for name, text in artifacts.items():
+        MlflowClient().log_text(run_id, text, name)
