@@ -394,8 +394,10 @@ def cmd_runs(args) -> int:
     from lmpipe.tracking import report
 
     cfg = _config(args)
-    print(report.render(report.runs_table(args.experiment or cfg.tracking.experiment,
-                                          args.compare)), end="")
+    runs = report.select(args.experiment or cfg.tracking.experiment, args.compare)
+    print(report.render(report.table(runs)), end="", flush=True)
+    if args.compare:
+        print(f"compare them in the MLflow UI: {report.compare_url(runs)}", file=sys.stderr)
     return 0
 
 

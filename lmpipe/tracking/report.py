@@ -16,10 +16,26 @@ SHORT = 8  # characters of a run id shown, and the least --compare takes
 def runs_table(experiment: str, compare: list[str] | None = None) -> pd.DataFrame:
     """One row per run of `experiment` (newest first), or of the runs `compare` names (run ids or
     unique prefixes of at least SHORT characters, in that order)."""
+    return table(select(experiment, compare))
+
+
+def select(experiment: str, compare: list[str] | None = None) -> pd.DataFrame:
+    """runs_table's runs, as mlflow.search_runs gives them."""
     runs = search(experiment)
     if compare:
         runs = runs.loc[[find_run(runs, wanted, experiment) for wanted in compare]]
-    return table(runs)
+    return runs
+
+
+def compare_url(runs: pd.DataFrame) -> str:
+    """The MLflow UI's page comparing these runs: on the tracking server, or on `make ui`'s."""
+    import json
+
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    ids, experiments = list(runs["run_id"]), list(dict.fromkeys(runs["experiment_id"]))
+    return (f"{base}/#/compare-runs?runs={json.dumps(ids, separators=(',', ':'))}"
+            f"&experiments={json.dumps(experiments, separators=(',', ':'))}")
 
 
 def search(experiment: str) -> pd.DataFrame:

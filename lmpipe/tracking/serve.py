@@ -67,20 +67,34 @@ def require_checkpoint(uri: str) -> str:
     version the URI names); returns where they are. UserError (one line naming the URI, the version
     and the location) otherwise."""
     import mlflow
-    from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri())
-    label, where = uri, uri  # runs:/<id>/<path>, a path: the model files are there
-    if uri.startswith("models:/"):
-        version = resolve_version(uri)
-        where = MlflowClient().get_model_version_download_uri(version.name, version.version)
-        label = f"{uri} (version {version.version})"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line, not bars
+    label, where = model_location(uri)
     artifact = checkpoint_artifact(label, where)
     folder = str(Path(artifact).parent)
     if Path(artifact).name not in _listing(f"{where}/{folder}"):
         raise UserError(f"{label}: the checkpoint artifact {Path(artifact).name} is missing from "
                         f"{where}/{folder}; {AGAIN}")
     return where
+
+
+def model_location(uri: str) -> tuple[str, str]:
+    """(how to name the model in a message, the artifact URI of its files)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    rest = uri.removeprefix("models:/").strip("/")
+    if rest == uri.strip("/"):  # runs:/<id>/<path>, a path: the model files are there
+        return uri, uri
+    if rest.startswith("m-") and "/" not in rest and "@" not in rest:  # a logged model's id
+        try:
+            return uri, MlflowClient().get_logged_model(rest).artifact_location
+        except MlflowException:
+            raise UserError(f"{uri}: no logged model {rest!r} in {tracking_uri()}") from None
+    version = resolve_version(uri)
+    where = MlflowClient().get_model_version_download_uri(version.name, version.version)
+    return f"{uri} (version {version.version})", where
 
 
 def checkpoint_artifact(label: str, where: str) -> str:
