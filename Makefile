@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: setup run test test-fast lint fmt bench repro ui lock clean
+.PHONY: setup run test test-fast lint fmt bench repro ui serve-model lock clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ repro: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+
+# POST /invocations on a registered version: MODEL=models:/<name>/<version> or models:/<name>@<alias>
+# (default: the champion of the model `lmpipe run` registers for params.yaml); HOST, PORT.
+serve-model: HOST ?= 127.0.0.1
+serve-model: PORT ?= 5001
+serve-model: setup
+	$(BIN)/lmpipe serve $(MODEL) --host $(HOST) --port $(PORT)
 
 lock:  # re-freeze the environment into constraints.txt, keeping its header comments
 	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_compare_parser(sub)
 
+    _add_serve_parser(sub)
+    _add_runs_parser(sub)
+
     p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
     _add_config_args(p)
     from lmpipe.cli import ckpt as cli_ckpt
@@ -112,6 +115,32 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--log", action="store_true",
                    help="also record the comparison as an MLflow run (tracking.experiment), "
                         "with compare.md and compare.json as artifacts")
+    _add_config_args(p)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a registered model version over HTTP (mlflow models "
+                                     "serve)",
+                       description="Checks that the URI resolves and that the version's "
+                                   "checkpoint artifact is in the store, then runs 'mlflow models "
+                                   "serve --env-manager local' on it: POST /invocations with "
+                                   "dataframe_split, dataframe_records or inputs payloads, and "
+                                   "params max_new_tokens, temperature, top_k, seed.")
+    p.add_argument("uri", nargs="?", default=None, metavar="URI",
+                   help="models:/<name>/<version>, models:/<name>@<alias> or runs:/<id>/model "
+                        "(default: models:/<the model 'lmpipe run' registers>@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
+    _add_config_args(p)
+
+
+def _add_runs_parser(sub) -> None:
+    p = sub.add_parser("runs", help="a table of an experiment's MLflow runs: the params that "
+                                    "differ, final metrics, model versions and aliases")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RUN_ID",
+                   help="only these runs (ids, or their first 8+ characters), in this order")
     _add_config_args(p)
 
 
@@ -342,6 +371,36 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from lmpipe import data, stages
+    from lmpipe.common.errors import UserError
+    from lmpipe.tracking import serve
+
+    cfg = _config(args)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    uri = args.uri or "models:/{}@champion".format(
+        stages.registered_name(cfg, data.resolve_source(cfg.data.source).name))
+    where = serve.require_checkpoint(uri)
+    argv, env = serve.serve_command(uri, args.host, args.port)
+    print(f"lmpipe: serving {uri} ({where}) at http://{args.host}:{args.port}/invocations",
+          file=sys.stderr, flush=True)
+    os.execvpe(argv[0], argv, env)  # the server takes this process: Ctrl-C and signals reach it
+
+
+def cmd_runs(args) -> int:
+    from lmpipe.tracking import report
+
+    cfg = _config(args)
+    runs = report.select(args.experiment or cfg.tracking.experiment, args.compare)
+    print(report.render(report.table(runs)), end="", flush=True)
+    if args.compare:
+        print(f"compare them in the MLflow UI: {report.compare_url(runs)}", file=sys.stderr)
+    return 0
+
+
 def cmd_ckpt(args) -> int:
     from lmpipe.cli import ckpt as cli_ckpt
 
@@ -349,7 +408,8 @@ def cmd_ckpt(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "resume": cmd_resume, "generate": cmd_generate,
-            "compare": cmd_compare, "config": cmd_config, "ckpt": cmd_ckpt}
+            "compare": cmd_compare, "config": cmd_config, "ckpt": cmd_ckpt, "serve": cmd_serve,
+            "runs": cmd_runs}
 
 if __name__ == "__main__":
     sys.exit(main())
