@@ -45,7 +45,7 @@ def test_prefect_yaml_declares_each_flow_on_the_local_pool():
 
 @pytest.fixture(scope="session")
 def deployed(tmp_path_factory):
-    """A tiny project served by scripts/serve.py (server, pool, the pipeline and generate
+    """A tiny project served by scripts/serve.py (server, pool, the pipeline, generate and resume
     deployments, one worker), with no MLFLOW_TRACKING_URI: the flows use the project's store."""
     project = tmp_path_factory.mktemp("deployed")
     (project / "data").mkdir()
@@ -55,7 +55,7 @@ def deployed(tmp_path_factory):
     (project / "flows").symlink_to(REPO / "flows")
     env = {k: v for k, v in cli_env(OMP_NUM_THREADS="1").items() if k != "MLFLOW_TRACKING_URI"}
     with prefect_stack(project, tmp_path_factory.mktemp("prefect-home"),
-                       ["pipeline/default", "generate/default"], env) as stack:
+                       ["pipeline/default", "generate/default", "resume/default"], env) as stack:
         stack.project = project
         yield stack
 
@@ -115,10 +115,21 @@ def test_pipeline_deployment_run_logs_a_run_and_registers_a_version(deployed, ru
     assert ["_step0005_" in saved[0], "_step0010_" in saved[1]] == [True, True]
 
 
+@pytest.fixture(scope="session")
+def from_checkpoints(deployed, runs) -> dict[str, Ran]:
+    """After the pipeline, side by side: generate from its step-10 checkpoint, and resume it for
+    5 more steps."""
+    assert runs["pipeline"].returncode == 0, runs["pipeline"].output
+    started = {"generate": _start(deployed, "lmpipe-generate/default",
+                                  "checkpoint=checkpoints/*_step0010_*.pt", "prompt=Dear",
+                                  "max_new_tokens=12", "seed=3"),
+               "resume": _start(deployed, "lmpipe-resume/default", "steps=5")}
+    return {what: Ran(proc) for what, proc in started.items()}
+
+
 @pytest.mark.slow
-def test_generate_deployment_samples_the_latest_checkpoint(deployed, runs):
-    ran = Ran(_start(deployed, "lmpipe-generate/default", "prompt=Dear", "max_new_tokens=12",
-                     "seed=3"))
+def test_generate_deployment_samples_a_checkpoint(deployed, from_checkpoints):
+    ran = from_checkpoints["generate"]
     assert ran.returncode == 0, ran.output
     logs = deployed.api("POST", "/logs/filter",
                         {"logs": {"flow_run_id": {"any_": [ran.flow_run_id]}}})
@@ -151,3 +162,12 @@ def test_bad_override_fails_the_run_with_lmpipes_one_line(deployed, runs):
     assert state["message"] in [log["message"] for log in logs]
     # refused before any stage began: no task ran, so nothing was written
     assert _task_runs(deployed, ran.flow_run_id) == 0
+
+
+@pytest.mark.slow
+def test_resume_deployment_trains_on_from_the_latest_checkpoint(deployed, from_checkpoints):
+    ran = from_checkpoints["resume"]
+    assert ran.returncode == 0, ran.output
+    assert len(list((deployed.project / "checkpoints").glob("*_step0015_*.pt"))) == 1
+    steps = _mlflow(deployed.project, "SELECT max(step) FROM metrics")
+    assert steps[0][0] == 15
