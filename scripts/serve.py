@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     prefect = _prefect()
     if _port_taken(args.port):
         print(f"serve: error: port {args.port} on 127.0.0.1 is in use; pick another with "
-              f"'make serve PORT=N' (or --port N)", file=sys.stderr)
+              f"'make serve SERVE_PORT=N' (or --port N)", file=sys.stderr)
         return 2
     env = child_env(args.port)
     # SIGINT too: a shell that starts this in the background has it ignored (Python then leaves it)
@@ -57,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: error: {e}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup
+            signal.signal(sig, signal.SIG_IGN)
         for proc in reversed(started):  # the worker first, then the server
             stop_group(proc, terms=2 if proc is not started[0] else 1)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--port", type=int, default=int(os.environ.get("PORT") or 4200))
+    p.add_argument("--port", type=int, default=4200)
     p.add_argument("--deploy", action="append", default=[], metavar="FLOW/DEPLOYMENT",
                    help="deploy only these, named as `prefect deploy --name` takes them: the "
                         "flow's function, e.g. pipeline/default (repeatable; default: all)")

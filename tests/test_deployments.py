@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib
 import re
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,18 @@ def test_prefect_yaml_declares_each_flow_on_the_local_pool():
     assert declared == {k: v for k, v in DEPLOYMENTS.items() if (REPO / v.split(":")[0]).exists()}
     nightly = spec["deployments"][0]["schedules"]
     assert [s["active"] for s in nightly] == [False] and nightly[0]["cron"]
+
+
+def test_serve_refuses_a_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, str(REPO / "scripts" / "serve.py"), "--port",
+                              str(port)], capture_output=True, text=True, env=cli_env())
+    assert out.returncode == 2
+    assert out.stderr == (f"serve: error: port {port} on 127.0.0.1 is in use; pick another with "
+                          "'make serve SERVE_PORT=N' (or --port N)\n")
 
 
 # --- the real stack ------------------------------------------------------------------------------
