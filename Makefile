@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: setup run test test-fast lint fmt bench repro ui serve-model lock clean
+.PHONY: setup run test test-fast lint fmt bench repro ui serve serve-model lock clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ repro: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+
+# A Prefect server on 127.0.0.1:$(SERVE_PORT), the lmpipe-local pool, prefect.yaml's deployments
+# and one worker; it prints the UI address and a `prefect deployment run` line. Ctrl-C stops all.
+SERVE_PORT ?= 4200
+serve: setup
+	$(BIN)/python scripts/serve.py --port $(SERVE_PORT)
 
 # POST /invocations on a registered version: MODEL=models:/<name>/<version> or models:/<name>@<alias>
 # (default: the champion of the model `lmpipe run` registers for params.yaml); HOST, PORT.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.guard import guarded
 from lmpipe.config import Config, load_config
 from tasks.evaluate import evaluate_model
 from tasks.generate import generate_text
@@ -14,11 +15,18 @@ from tasks.train import train_model
 
 
 @flow(name="lmpipe-pipeline")
+@guarded
 def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml",
              config: dict | None = None) -> dict:
     """Run every stage with params.yaml (+ environment, + `-S` overrides), resolved once, here; or
     with `config`, the configuration already resolved from them (Config.to_dict(), as `run` passes
-    it), and then params_file and overrides only record where it came from."""
+    it), and then params_file and overrides only record where it came from.
+
+    Args:
+        overrides: params.yaml settings as section.key=value, as `lmpipe run -S` takes them
+        params_file: the parameters file, relative to the project directory
+        config: leave empty: the configuration `lmpipe run` has already resolved
+    """
     if config is None:
         config = load_config(params_file, overrides or []).to_dict()
     prepared = prepare_data_cached(config)

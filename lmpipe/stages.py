@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 from lmpipe import data, tokenizer
 from lmpipe.common.errors import UserError
@@ -185,6 +186,84 @@ def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
 
 def _train_info(train_info: dict | None) -> dict:
     return train_info or _read_json(TRAIN_INFO, "train")
+
+
+# --- resume: train on from any checkpoint -------------------------------------------------------
+
+class ResumePlan(NamedTuple):
+    """A resume, checked before anything is written: the checkpoint, what is asked of it
+    (a resuming.Resume), the loaded checkpoint and the data it trains on (a resuming.DataChoice)."""
+    path: Path
+    resume: object
+    ckpt: dict
+    choice: object
+
+
+def plan_resume(cfg: Config, checkpoint: str = "latest", step: int | None = None,
+                steps: int | None = None, lr: float | None = None, source: str | None = None,
+                no_optimizer: bool = False, warmup: int | None = None,
+                overrides=()) -> ResumePlan:
+    """Resolve and check a resume (`lmpipe resume`, the lmpipe-resume flow); raises UserError before
+    anything is written. overrides: the `-S` settings, to refuse an architecture the checkpoint
+    does not have."""
+    from lmpipe.ckpt.integrity import require_intact
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.ckpt.rebuild import EARLIER
+    from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.config import explicit_settings
+    from lmpipe.train import resume as resuming
+
+    path = resolve_checkpoint(checkpoint, cfg.checkpoint.dir, step=step)
+    require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
+    if warmup is None:
+        warmup = resuming.REWARMUP if no_optimizer else 0
+    resume = resuming.Resume(path, steps, lr, no_optimizer, warmup)
+    ckpt = load_checkpoint(path, mmap=True)
+    resuming.plan(ckpt, resume)
+    # an architecture asked for explicitly
+    if any(key.startswith("model.") for key in explicit_settings(overrides)):
+        resuming.check_architecture(ckpt, cfg.model, path, "lmpipe resume")
+    if source:
+        resuming.check_new_source(ckpt, source, cfg.data.val_fraction, cfg.data.seed)
+        choice = resuming.new_data(cfg, source)
+    else:
+        choice = resuming.own_data(ckpt, path)
+    return ResumePlan(path, resume, ckpt, choice)
+
+
+def resume(cfg: Config, plan: ResumePlan, entry: str = "cli") -> dict:
+    """Train on from the plan's checkpoint, re-preparing its data first when needed; returns what
+    train returns."""
+    import dataclasses
+
+    from lmpipe.train.resume import say
+
+    say(plan.choice.note)
+    cfg = dataclasses.replace(cfg, data=plan.choice.data)
+    if plan.choice.prepare:
+        prepare(cfg)
+    return train(cfg, entry=entry, resume=plan.resume)
+
+
+def sample(cfg: Config, checkpoint: str = "latest", prompt: str | None = None,
+           max_new_tokens: int | None = None, temperature: float | None = None,
+           top_k: int | None = None, seed: int | None = None, device: str | None = None) -> dict:
+    """Text from any checkpoint (`lmpipe generate`, the lmpipe-generate flow); each setting left
+    None comes from the generate section. Returns the text, the checkpoint, its step, the device."""
+    from lmpipe.ckpt.locate import resolve_checkpoint
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from lmpipe.common.device import pick_device
+    from lmpipe.generate import generate_text
+
+    g = cfg.generate
+    path = resolve_checkpoint(checkpoint, cfg.checkpoint.dir)
+    device = pick_device(device or g.device)
+    ckpt, model, tok = load_for_inference(path, device)
+    pick = lambda a, d: d if a is None else a  # noqa: E731
+    text = generate_text(model, tok, pick(prompt, g.prompt), pick(max_new_tokens, g.max_new_tokens),
+                         pick(temperature, g.temperature), pick(top_k, g.top_k), pick(seed, g.seed),
+                         device)
+    return {"text": text, "checkpoint": str(path), "step": ckpt["step"], "device": str(device)}
 
 
 # --- evaluate ------------------------------------------------------------------------------------

@@ -210,43 +210,21 @@ def cmd_stage(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    import dataclasses
-
     from lmpipe import stages
-    from lmpipe.ckpt.integrity import require_intact
-    from lmpipe.ckpt.locate import resolve_checkpoint
-    from lmpipe.ckpt.rebuild import EARLIER
-    from lmpipe.ckpt.store import load_checkpoint
     from lmpipe.train import resume as resuming
 
     cfg = _config(args)
     _check_resume_flags(args)
-    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
-    require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
-    warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer
-                                                          else 0)
-    resume = resuming.Resume(path, args.steps, args.lr, args.no_optimizer, warmup)
-    ckpt = load_checkpoint(path, mmap=True)
-    resuming.plan(ckpt, resume)  # everything is checked before anything is written
+    plan = stages.plan_resume(cfg, args.checkpoint, step=args.step, steps=args.steps, lr=args.lr,
+                              source=args.source, no_optimizer=args.no_optimizer,
+                              warmup=args.warmup, overrides=args.overrides)
     _warn_ignored_on_resume(args)
-    # an architecture asked for explicitly
-    if any(key.startswith("model.") for key in _explicit(args)):
-        resuming.check_architecture(ckpt, cfg.model, path, "lmpipe resume")
-    if args.source:
-        resuming.check_new_source(ckpt, args.source, cfg.data.val_fraction, cfg.data.seed)
-        choice = resuming.new_data(cfg, args.source)
-    else:
-        choice = resuming.own_data(ckpt, path)
     if args.dry_run:
-        print(resuming.describe(ckpt, path, resume, choice))
-        print(f"start it with: {resume_command(path, args)}")
+        print(resuming.describe(plan.ckpt, plan.path, plan.resume, plan.choice))
+        print(f"start it with: {resume_command(plan.path, args)}")
         return 0
-    resuming.say(choice.note)
-    cfg = dataclasses.replace(cfg, data=choice.data)
-    if choice.prepare:
-        stages.prepare(cfg)
-    info = stages.train(cfg, entry="cli", resume=resume)
-    print(f"resumed from {path}; trained to step {info['step']}; final checkpoint "
+    info = stages.resume(cfg, plan)
+    print(f"resumed from {plan.path}; trained to step {info['step']}; final checkpoint "
           f"{info['checkpoint']}; MLflow run {info['run_id']}")
     return 0
 
@@ -333,23 +311,13 @@ def summary(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from lmpipe.ckpt.locate import resolve_checkpoint
-    from lmpipe.ckpt.rebuild import load_for_inference
-    from lmpipe.common.device import pick_device
-    from lmpipe.generate import generate_text
+    from lmpipe import stages
 
-    cfg = _config(args)
-    g = cfg.generate
-    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir)
-    device = pick_device(args.device or g.device)
-    ckpt, model, tok = load_for_inference(path, device)
-    pick = lambda a, d: d if a is None else a  # noqa: E731
-    text = generate_text(model, tok, pick(args.prompt, g.prompt),
-                         pick(args.max_new_tokens, g.max_new_tokens),
-                         pick(args.temperature, g.temperature), pick(args.top_k, g.top_k),
-                         pick(args.seed, g.seed), device)
-    print(f"[{path.name}, step {ckpt['step']}, {device}]", file=sys.stderr)
-    print(text)
+    out = stages.sample(_config(args), args.checkpoint, prompt=args.prompt,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, device=args.device)
+    print(f"[{Path(out['checkpoint']).name}, step {out['step']}, {out['device']}]", file=sys.stderr)
+    print(out["text"])
     return 0
 
 
