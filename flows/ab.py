@@ -13,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.guard import guarded
 from lmpipe import stages
 from lmpipe.common.errors import ConfigError, UserError, joined
 from lmpipe.config import Config, load_config
@@ -28,6 +29,7 @@ SHARED_SECTIONS = ("data", "tokenizer", "evaluate", "generate")
 
 
 @flow(name="lmpipe-ab")
+@guarded
 def ab_test(configs: list[list[str]], params_file: str = "params.yaml",
             max_concurrency: int = 2) -> dict:
     """Train each configuration (overrides on params_file) as a child run of one MLflow parent
