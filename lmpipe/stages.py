@@ -155,18 +155,19 @@ def _code_hash(module_file: str, fp: str) -> str:
 
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
-    resuming.Resume) or the param train.resume ("latest" or a path) asks to resume."""
+    resuming.Resume) or the param train.resume ("latest", a path, or an MLflow URI such as
+    models:/NAME@champion) asks to resume."""
     from lmpipe.ckpt.integrity import require_intact
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.tracking.uris import resolve
     from lmpipe.train.resume import Resume, check_architecture, recorded_data, say
     from lmpipe.train.run import run_training
 
     if resume is None and not cfg.train.resume and cfg.model.type == "gpt2":
         check_pretrained(cfg)  # fail before any work when the pretrained model is not here
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
-        resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir),
+        resume = Resume(resolve(cfg.train.resume, cfg.checkpoint.dir),
                         total=cfg.train.steps)
         require_intact(resume.checkpoint, "the checkpoint train.resume names",
                        EARLIER.format(path=resume.checkpoint))

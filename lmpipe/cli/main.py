@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "without a training state (imported with 'lmpipe ckpt import') "
                                    "resumes with --no-optimizer.")
     p.add_argument("--checkpoint", default="latest",
-                   help="PATH, a glob, or 'latest' (default): the newest "
-                                                          "checkpoint in checkpoint.dir that "
-                                                          "verifies")
+                   help="PATH, a glob, 'latest' (default: the newest checkpoint in "
+                        "checkpoint.dir that verifies), or an MLflow URI: models:/NAME/VERSION, "
+                        "models:/NAME@ALIAS, runs:/RUN_ID/PATH (downloaded once, with the "
+                        "optimizer state)")
     p.add_argument("--step", type=int, default=None,
                    help="with 'latest': that step, or the nearest earlier one")
     p.add_argument("--steps", type=int, default=None, help="train N more steps past the checkpoint")
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", default="latest",
-                   help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
+                   help="PATH, a glob, 'latest' (default) in checkpoint.dir, or an MLflow "
+                        "URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH")
     _add_sampling_args(p)
     _add_config_args(p)
 
@@ -100,8 +102,9 @@ def _add_compare_parser(sub) -> None:
                                    "same prompt and seed, and timed. Prints a table and the "
                                    "samples.")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
-                   help="PATH, a glob (its newest match) or 'latest' in checkpoint.dir; two or "
-                        "more")
+                   help="PATH, a glob (its newest match), 'latest' in checkpoint.dir, or an "
+                        "MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
+                        "runs:/RUN_ID/PATH); two or more")
     p.add_argument("--text", default=None,
                    help="the text to score (default: data/prepared/val.txt)")
     p.add_argument("--max-batches", type=int, default=None,
@@ -185,14 +188,14 @@ def cmd_resume(args) -> int:
 
     from lmpipe import stages
     from lmpipe.ckpt.integrity import require_intact
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.tracking import uris
     from lmpipe.train import resume as resuming
 
     cfg = _config(args)
     _check_resume_flags(args)
-    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir, step=args.step)
+    path = uris.resolve(args.checkpoint, cfg.checkpoint.dir, step=args.step)
     require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
     warmup = args.warmup if args.warmup is not None else (resuming.REWARMUP if args.no_optimizer
                                                           else 0)
@@ -217,7 +220,8 @@ def cmd_resume(args) -> int:
     if choice.prepare:
         stages.prepare(cfg)
     info = stages.train(cfg, entry="cli", resume=resume)
-    print(f"resumed from {path}; trained to step {info['step']}; final checkpoint "
+    origin = f"{args.checkpoint} ({path})" if uris.is_uri(args.checkpoint) else path
+    print(f"resumed from {origin}; trained to step {info['step']}; final checkpoint "
           f"{info['checkpoint']}; MLflow run {info['run_id']}")
     return 0
 
@@ -257,7 +261,10 @@ def resume_command(path: Path, args) -> str:
     """The `lmpipe resume` command line that starts what --dry-run described."""
     import shlex
 
-    parts = ["lmpipe", "resume", "--checkpoint", str(path)]
+    from lmpipe.tracking.uris import is_uri
+
+    spec = args.checkpoint if is_uri(args.checkpoint) else str(path)  # a URI stays a URI
+    parts = ["lmpipe", "resume", "--checkpoint", spec]
     for flag, value in (("--steps", args.steps), ("--lr", args.lr), ("--source", args.source),
                         ("--warmup", args.warmup)):
         if value is not None:
@@ -304,14 +311,14 @@ def summary(r: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import load_for_inference
     from lmpipe.common.device import pick_device
     from lmpipe.generate import generate_text
+    from lmpipe.tracking.uris import resolve
 
     cfg = _config(args)
     g = cfg.generate
-    path = resolve_checkpoint(args.checkpoint, cfg.checkpoint.dir)
+    path = resolve(args.checkpoint, cfg.checkpoint.dir)
     device = pick_device(args.device or g.device)
     ckpt, model, tok = load_for_inference(path, device)
     pick = lambda a, d: d if a is None else a  # noqa: E731
