@@ -98,28 +98,25 @@ def test_generate_by_version_alias_and_run(reg, capsys):
     assert code == 0 and "downloading it again" in err and out == texts[f"models:/{NAME}/1"]
 
 
-def test_resume_from_a_version_is_the_local_resume_with_optimizer_and_run(reg, capsys):
-    """models:/NAME/2 is the step-10 checkpoint: resuming it to the planned 20 steps equals resuming
-    the local file and the uninterrupted run, weights and optimizer state, in the same MLflow
-    run; the new checkpoints go to checkpoint.dir."""
-    results = {}
-    for label, spec in (("uri", f"models:/{NAME}/2"), ("local", str(reg["step10"]))):
-        code, out, err = run(capsys, "resume", "--checkpoint", spec, "-S",
-                             f"checkpoint.dir=ck-{label}")
-        assert code == 0, err
-        final = sorted((reg["root"] / f"ck-{label}").glob("checkpoint_*step0020_*.pt"))
-        assert len(final) == 1 and f"MLflow run {reg['info']['run_id']}" in out
-        results[label] = torch.load(final[0], weights_only=True)
-    assert downloads(reg["root"], "ck-uri") and not downloads(reg["root"], "ck-local")
-    uri, local = results["uri"], results["local"]
-    assert uri["run_id"] == local["run_id"] == reg["info"]["run_id"]
-    assert all(torch.equal(v, local["model_state_dict"][k])
-               for k, v in uri["model_state_dict"].items())
-    opt_u, opt_l = uri["optimizer_state_dict"]["state"], local["optimizer_state_dict"]["state"]
-    assert opt_u.keys() == opt_l.keys() and all(
-        torch.equal(opt_u[i][k], opt_l[i][k]) for i in opt_u for k in opt_u[i])
-    reference = torch.load(reg["final"], weights_only=True)["model_state_dict"]
-    assert all(torch.equal(v, reference[k]) for k, v in uri["model_state_dict"].items())
+def test_resume_from_a_version_continues_its_checkpoint_with_optimizer_and_run(reg, capsys):
+    """models:/NAME/2 is the step-10 checkpoint: resumed to the planned 20 steps it ends with the
+    uninterrupted run's weights and optimizer state (what a resume of the local file gives,
+    test_resume.py), in the same MLflow run; the new checkpoints go to checkpoint.dir."""
+    code, out, err = run(capsys, "resume", "--checkpoint", f"models:/{NAME}/2", "-S",
+                         "checkpoint.dir=ck-uri")
+    assert code == 0, err
+    assert f"resumed from models:/{NAME}/2 (ck-uri/{CACHE}/" in out
+    assert f"MLflow run {reg['info']['run_id']}" in out
+    final = sorted((reg["root"] / "ck-uri").glob("checkpoint_*step0020_*.pt"))
+    assert len(final) == 1 and len(downloads(reg["root"], "ck-uri")) == 1
+    resumed = torch.load(final[0], weights_only=True)
+    straight = torch.load(reg["final"], weights_only=True)
+    assert resumed["run_id"] == straight["run_id"] == reg["info"]["run_id"]
+    assert all(torch.equal(v, straight["model_state_dict"][k])
+               for k, v in resumed["model_state_dict"].items())
+    opt_r, opt_s = (c["optimizer_state_dict"]["state"] for c in (resumed, straight))
+    assert opt_r.keys() == opt_s.keys() and all(
+        torch.equal(opt_r[i][k], opt_s[i][k]) for i in opt_r for k in opt_r[i])
 
 
 def test_train_resume_param_takes_an_alias(reg):
@@ -142,13 +139,26 @@ def test_compare_two_uris(reg, capsys):
     assert code == 2 and "compare needs different checkpoints" in err
 
 
-def test_load_checkpoint_script_takes_a_uri(reg):
-    env = cli_env(CHECKPOINT_PATH=f"models:/{NAME}@champion", MODE="inference",
-                  MAX_NEW_TOKENS="10", PROMPT="Dear", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "load_checkpoint.py")],
-                       cwd=reg["root"], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("Dear") and "step 10," in r.stderr
+def test_load_checkpoint_script_and_ckpt_verify_take_a_uri(reg, capsys, monkeypatch):
+    """scripts/load_checkpoint.py's code (lmpipe.cli.seed), in this process."""
+    from lmpipe.cli.seed import main as script
+
+    monkeypatch.setattr(sys, "argv", ["scripts/load_checkpoint.py"])
+    monkeypatch.setenv("CHECKPOINT_PATH", f"models:/{NAME}@champion")
+    for var, value in (("MODE", "inference"), ("PROMPT", "Dear"), ("MAX_NEW_TOKENS", "10")):
+        monkeypatch.setenv(var, value)
+    assert script("load_checkpoint") == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Dear") and "step 10," in err
+    monkeypatch.setenv("MODE", "resume")
+    monkeypatch.delenv("PROMPT")
+    monkeypatch.delenv("MAX_NEW_TOKENS")
+    assert script("load_checkpoint") == 0
+    out = capsys.readouterr().out
+    assert f"lmpipe resume --checkpoint models:/{NAME}@champion --steps 5000" in out
+    assert f"CHECKPOINT_PATH=models:/{NAME}@champion MODE=resume" in out
+    code, out, err = run(capsys, "ckpt", "verify", f"models:/{NAME}/1")
+    assert code == 0 and out.startswith("ok ") and "1 checked, 0 with problems" in err
 
 
 @pytest.mark.parametrize("uri, needle", [

@@ -107,7 +107,7 @@ def load_checkpoint(mode: str | None = None) -> int:
     from lmpipe.cli.main import main as lmpipe
     from lmpipe.common.errors import UserError, warn
     from lmpipe.config import load_config
-    from lmpipe.tracking.uris import resolve
+    from lmpipe.tracking.uris import is_uri, resolve
 
     spec = os.environ.get("CHECKPOINT_PATH", "")
     if not spec:
@@ -133,25 +133,26 @@ def load_checkpoint(mode: str | None = None) -> int:
                        str(_env_number("MAX_NEW_TOKENS", str(cfg.generate.max_new_tokens), int)),
                        "--seed", str(_env_seed(cfg.generate.seed)),
                        "--device", os.environ.get("DEVICE", "") or "auto"])
-    return _resume(path, script, dry_run=not trains and not (
+    return _resume(path, spec if is_uri(spec) else str(path), script, dry_run=not trains and not (
         os.environ.get("RESUME_TRAINING_STEPS") or os.environ.get("RESUME_LEARNING_RATE")))
 
 
-def _resume(path: Path, script: str, dry_run: bool) -> int:
-    """The guide's resume: with neither RESUME_ variable set, only show what would happen."""
+def _resume(path: Path, spec: str, script: str, dry_run: bool) -> int:
+    """The guide's resume of `path` (`spec` names it: the path, or the MLflow URI it was downloaded
+    from): with neither RESUME_ variable set, only show what would happen."""
     from lmpipe.cli.main import main as lmpipe
 
     steps = _env_number("RESUME_TRAINING_STEPS", "5000", int)
     lr = _env_number("RESUME_LEARNING_RATE", "3e-4", float)
     _describe(path)
     source = os.environ.get("TRAINING_DATA_SOURCE", "")
-    args = ["resume", "--checkpoint", str(path), "--steps", str(steps), "--lr", str(lr),
+    args = ["resume", "--checkpoint", spec, "--steps", str(steps), "--lr", str(lr),
             *(["--source", source] if source else [])]
     if not dry_run:
         return lmpipe(args)
     code = lmpipe([*args, "--dry-run"])
     if code == 0:
-        env = (f"CHECKPOINT_PATH={path} MODE=resume RESUME_TRAINING_STEPS={steps} "
+        env = (f"CHECKPOINT_PATH={spec} MODE=resume RESUME_TRAINING_STEPS={steps} "
                f"RESUME_LEARNING_RATE={lr}")
         print(f"or, as the guide: {env}{' TRAINING_DATA_SOURCE=' + source if source else ''} "
               f"python3 {script}\n(nothing was trained: MODE=resume trains only when "
