@@ -189,6 +189,8 @@ def test_missing_run_artifact_and_deleted_version_through_the_cli(reg, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"run {run_id} has no artifact 'nope'; the run's top-level artifacts: " in err
     assert "copies/" in err and "model/ (logged model)" in err
+    code, _, err = run(capsys, "generate", "--checkpoint", f"runs:/{run_id}/training/loss.png")
+    assert code == 2 and "artifact 'training/loss.png' is not a checkpoint (.pt) file" in err
     # A version whose checkpoint was deleted from the artifact store.
     cfg = load_config("params.yaml")
     v3 = registry.register_model(run_id, reg["step10"], NAME, 10, cfg.flat(), cfg.generate)

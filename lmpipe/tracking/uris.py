@@ -65,7 +65,7 @@ def fetch(uri: str, cache: Path) -> Path:
         client = _client()
         source = _source(client, uri)
         folder = cache / _store_key() / Path(*[_safe(k) for k in source.key])
-        return _cached(folder) or _download(source, folder)
+        return _cached(folder) or _download(source, folder, cache)
     except MlflowException as e:
         raise UserError(f"{uri}: cannot read it from the tracking store {tracking_uri()}: "
                         f"{str(e.message).splitlines()[0]}") from None
@@ -189,7 +189,7 @@ def _run_source(client, uri: str) -> Source:
         run = None
     if run is None:
         raise UserError(f"{uri}: no run {run_id!r} in the tracking store {tracking_uri()}; find "
-                        f"run ids in the MLflow UI ({ui_hint()})")
+                        f"run ids in the MLflow UI: {ui_hint()}")
     if not path:
         raise UserError(f"{uri}: name the artifact after the run id (runs:/{run_id}/PATH); "
                         f"the run's top-level artifacts: {_run_artifacts(client, run)}")
@@ -225,6 +225,8 @@ def _checkpoint_in(repo, source: Source) -> str:
     if kind is None:
         raise UserError(f"{source.uri}: {_gone(source)}; {source.others}")
     if kind == "file":
+        if not source.path.endswith(".pt"):
+            raise UserError(f"{source.uri}: {source.what} is not a checkpoint (.pt) file")
         return source.path
     listing = repo.list_artifacts(source.path or None)
     names = {posixpath.basename(a.path): a for a in listing}
@@ -295,16 +297,17 @@ def _cached(folder: Path) -> Path | None:
     return None
 
 
-def _download(source: Source, folder: Path) -> Path:
-    """Download into a temporary sibling of `folder`, check it, record its sha256 in a manifest
-    there, then rename it to `folder`: a cache folder is complete or absent."""
+def _download(source: Source, folder: Path, cache: Path) -> Path:
+    """Download into a temporary folder in `cache`, check it, record its sha256 in a manifest
+    there, then rename it to `folder`: a cache folder is complete or absent, and a failed download
+    leaves nothing."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo = get_artifact_repository(source.repo, tracking_uri=tracking_uri(),
                                    registry_uri=tracking_uri())
     path = _checkpoint_in(repo, source)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    cache.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
         (stage / "download").mkdir()
         got = Path(repo.download_artifacts(path, str(stage / "download")))
@@ -313,8 +316,9 @@ def _download(source: Source, folder: Path) -> Path:
         file = done / got.name
         got.replace(file)
         _check(file, source)
+        folder.parent.mkdir(parents=True, exist_ok=True)
         try:
-            stage.joinpath("done").replace(folder)
+            done.replace(folder)
         except OSError:  # another process finished the same download first
             if not (found := _cached(folder)):
                 raise
@@ -338,8 +342,10 @@ def _check(file: Path, source: Source) -> None:
                         "copy in the artifact store is damaged")
     try:
         ckpt = load_checkpoint(file, mmap=True)
-    except UserError as e:
-        raise UserError(f"{source.uri}: {e}") from None
+    except UserError as e:  # its message names the temporary download: say what it found instead
+        reason = str(e).replace(f"{file}: ", "").split(";")[0]
+        raise UserError(f"{source.uri}: {file.name} is not a complete lmpipe checkpoint "
+                        f"({reason})") from None
     entry = {"file": file.name, "sha256": file_sha256(file), "size": file.stat().st_size,
              "step": ckpt.get("step"), "run_id": ckpt.get("run_id"), "metrics": {},
              "created": datetime.now().isoformat(), "source": source.uri}
