@@ -61,13 +61,18 @@ def fetch(uri: str, cache: Path) -> Path:
     """The checkpoint `uri` names, from the cache when it is there and intact, else downloaded."""
     from mlflow.exceptions import MlflowException
 
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"{uri}: there is no tracking store at {store} (nothing was logged from "
+                        "here yet); run the pipeline first ('lmpipe run'), or set "
+                        "MLFLOW_TRACKING_URI to the store that holds the model")
     try:
         client = _client()
         source = _source(client, uri)
         folder = cache / _store_key() / Path(*[_safe(k) for k in source.key])
         return _cached(folder) or _download(source, folder, cache)
     except MlflowException as e:
-        raise UserError(f"{uri}: cannot read it from the tracking store {tracking_uri()}: "
+        raise UserError(f"{uri}: cannot read it from the tracking store {store}: "
                         f"{str(e.message).splitlines()[0]}") from None
 
 
