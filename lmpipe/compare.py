@@ -60,20 +60,16 @@ def settings(cfg: Config, text: str | Path | None = None, **overrides: Any) -> S
 
 
 def resolve(specs: list[str], directory: str | Path) -> list[Path]:
-    """Each spec (a path, a glob or 'latest') → a checkpoint file; every one is checked before
-    any model is loaded, so a bad one stops the comparison before any work."""
-    from lmpipe.ckpt.locate import resolve_checkpoint
+    """Each spec (a path, a glob, 'latest' or an MLflow URI) → a checkpoint file; every one is
+    checked before any model is loaded, so a bad one stops the comparison before any work."""
     from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.tracking.uris import resolve as resolve_spec
 
     if len(specs) < 2:
         got = "none" if not specs else f"one ({specs[0]!r})"
         raise UserError(f"compare needs at least two checkpoints; got {got}; pass two or more "
-                        "paths, globs or 'latest'")
-    for spec in specs:
-        if re.match(r"^[a-z][a-z0-9+.-]*:/", spec):
-            raise UserError(f"{spec}: URIs are not supported by compare yet; pass a checkpoint "
-                            "path, a glob or 'latest'")
-    paths = [resolve_checkpoint(spec, directory) for spec in specs]
+                        "paths, globs, 'latest' or models:/ and runs:/ URIs")
+    paths = [resolve_spec(spec, directory) for spec in specs]
     for path in paths:
         if not path.is_file():
             load_checkpoint(path)  # raises the usual "Checkpoint not found" line

@@ -156,18 +156,19 @@ def _code_hash(module_file: str, fp: str) -> str:
 
 def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
-    resuming.Resume) or the param train.resume ("latest" or a path) asks to resume."""
+    resuming.Resume) or the param train.resume ("latest", a path, or an MLflow URI such as
+    models:/NAME@champion) asks to resume."""
     from lmpipe.ckpt.integrity import require_intact
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
+    from lmpipe.tracking.uris import resolve
     from lmpipe.train.resume import Resume, check_architecture, recorded_data, say
     from lmpipe.train.run import run_training
 
     if resume is None and not cfg.train.resume and cfg.model.type == "gpt2":
         check_pretrained(cfg)  # fail before any work when the pretrained model is not here
     if resume is None and cfg.train.resume:  # the tracked param: resume to train.steps
-        resume = Resume(resolve_checkpoint(cfg.train.resume, cfg.checkpoint.dir),
+        resume = Resume(resolve(cfg.train.resume, cfg.checkpoint.dir),
                         total=cfg.train.steps)
         require_intact(resume.checkpoint, "the checkpoint train.resume names",
                        EARLIER.format(path=resume.checkpoint))
@@ -207,13 +208,13 @@ def plan_resume(cfg: Config, checkpoint: str = "latest", step: int | None = None
     anything is written. overrides: the `-S` settings, to refuse an architecture the checkpoint
     does not have."""
     from lmpipe.ckpt.integrity import require_intact
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
     from lmpipe.config import explicit_settings
+    from lmpipe.tracking.uris import resolve
     from lmpipe.train import resume as resuming
 
-    path = resolve_checkpoint(checkpoint, cfg.checkpoint.dir, step=step)
+    path = resolve(checkpoint, cfg.checkpoint.dir, step=step)
     require_intact(path, "the checkpoint to resume", EARLIER.format(path=path))
     if warmup is None:
         warmup = resuming.REWARMUP if no_optimizer else 0
@@ -250,13 +251,13 @@ def sample(cfg: Config, checkpoint: str = "latest", prompt: str | None = None,
            top_k: int | None = None, seed: int | None = None, device: str | None = None) -> dict:
     """Text from any checkpoint (`lmpipe generate`, the lmpipe-generate flow); each setting left
     None comes from the generate section. Returns the text, the checkpoint, its step, the device."""
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.ckpt.rebuild import load_for_inference
     from lmpipe.common.device import pick_device
     from lmpipe.generate import generate_text
+    from lmpipe.tracking.uris import resolve
 
     g = cfg.generate
-    path = resolve_checkpoint(checkpoint, cfg.checkpoint.dir)
+    path = resolve(checkpoint, cfg.checkpoint.dir)
     device = pick_device(device or g.device)
     ckpt, model, tok = load_for_inference(path, device)
     pick = lambda a, d: d if a is None else a  # noqa: E731

@@ -150,10 +150,12 @@ def test_cli_prints_the_table_and_json_that_matches(setup, capsys):
 @pytest.mark.parametrize("given,needle", [
     ([], "compare needs at least two checkpoints; got none"),
     (["one.pt"], "compare needs at least two checkpoints; got one ('one.pt')"),
-    (["models:/lmpipe/1", "b.pt"], "models:/lmpipe/1: URIs are not supported by compare yet"),
+    (["s3://bucket/a.pt", "b.pt"], "s3://bucket/a.pt: not a checkpoint URI; pass models:/"),
+    (["models:/lmpipe/1", "b.pt"], "models:/lmpipe/1: there is no tracking store at sqlite:///"),
 ])
-def test_fewer_than_two_or_a_uri_is_one_line(tmp_path, capsys, monkeypatch, given, needle):
+def test_fewer_than_two_or_a_bad_uri_is_one_line(tmp_path, capsys, monkeypatch, given, needle):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: none here
     assert main(["compare", *given]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -36,7 +36,8 @@ def add_parser(sub, add_config_args) -> None:
 
     p = action("inspect", "keys, hyperparameters, tensors, optimizer, tokenizer, versions",
                as_json, trust)
-    p.add_argument("path", help="a checkpoint file or directory, a glob, or 'latest'")
+    p.add_argument("path", help="a checkpoint file or directory, a glob, 'latest', or an MLflow "
+                                "URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH)")
 
     p = action("verify", "integrity, weights_only loading, NaN/Inf, optimizer consistency; exit 0 "
                          "only if all pass", as_json, trust)
@@ -92,10 +93,11 @@ def run(args, cfg_loader) -> int:
 
 
 def _resolve(spec: str, cfg) -> Path:
-    """'latest', a glob or a path; a manifest passed instead of a checkpoint is refused here."""
-    from lmpipe.ckpt.locate import resolve_checkpoint
+    """'latest', a glob, a path, or an MLflow URI (models:/NAME@ALIAS, ...: downloaded once); a
+    manifest passed instead of a checkpoint is refused here."""
+    from lmpipe.tracking.uris import resolve
 
-    return resolve_checkpoint(spec, cfg.checkpoint.dir)
+    return resolve(spec, cfg.checkpoint.dir)
 
 
 def _size(n: int) -> str:

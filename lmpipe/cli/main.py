@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "without a training state (imported with 'lmpipe ckpt import') "
                                    "resumes with --no-optimizer.")
     p.add_argument("--checkpoint", default="latest",
-                   help="PATH, a glob, or 'latest' (default): the newest "
-                                                          "checkpoint in checkpoint.dir that "
-                                                          "verifies")
+                   help="PATH, a glob, 'latest' (default: the newest checkpoint in "
+                        "checkpoint.dir that verifies), or an MLflow URI: models:/NAME/VERSION, "
+                        "models:/NAME@ALIAS, runs:/RUN_ID/PATH (downloaded once, with the "
+                        "optimizer state)")
     p.add_argument("--step", type=int, default=None,
                    help="with 'latest': that step, or the nearest earlier one")
     p.add_argument("--steps", type=int, default=None, help="train N more steps past the checkpoint")
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
     p.add_argument("--checkpoint", default="latest",
-                   help="PATH, a glob, or 'latest' (default) in checkpoint.dir")
+                   help="PATH, a glob, 'latest' (default) in checkpoint.dir, or an MLflow "
+                        "URI: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH")
     _add_sampling_args(p)
     _add_config_args(p)
 
@@ -103,8 +105,9 @@ def _add_compare_parser(sub) -> None:
                                    "same prompt and seed, and timed. Prints a table and the "
                                    "samples.")
     p.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT",
-                   help="PATH, a glob (its newest match) or 'latest' in checkpoint.dir; two or "
-                        "more")
+                   help="PATH, a glob (its newest match), 'latest' in checkpoint.dir, or an "
+                        "MLflow URI (models:/NAME/VERSION, models:/NAME@ALIAS, "
+                        "runs:/RUN_ID/PATH); two or more")
     p.add_argument("--text", default=None,
                    help="the text to score (default: data/prepared/val.txt)")
     p.add_argument("--max-batches", type=int, default=None,
@@ -211,6 +214,7 @@ def cmd_stage(args) -> int:
 
 def cmd_resume(args) -> int:
     from lmpipe import stages
+    from lmpipe.tracking.uris import is_uri
     from lmpipe.train import resume as resuming
 
     cfg = _config(args)
@@ -224,7 +228,8 @@ def cmd_resume(args) -> int:
         print(f"start it with: {resume_command(plan.path, args)}")
         return 0
     info = stages.resume(cfg, plan)
-    print(f"resumed from {plan.path}; trained to step {info['step']}; final checkpoint "
+    origin = f"{args.checkpoint} ({plan.path})" if is_uri(args.checkpoint) else plan.path
+    print(f"resumed from {origin}; trained to step {info['step']}; final checkpoint "
           f"{info['checkpoint']}; MLflow run {info['run_id']}")
     return 0
 
@@ -264,7 +269,10 @@ def resume_command(path: Path, args) -> str:
     """The `lmpipe resume` command line that starts what --dry-run described."""
     import shlex
 
-    parts = ["lmpipe", "resume", "--checkpoint", str(path)]
+    from lmpipe.tracking.uris import is_uri
+
+    spec = args.checkpoint if is_uri(args.checkpoint) else str(path)  # a URI stays a URI
+    parts = ["lmpipe", "resume", "--checkpoint", spec]
     for flag, value in (("--steps", args.steps), ("--lr", args.lr), ("--source", args.source),
                         ("--warmup", args.warmup)):
         if value is not None:

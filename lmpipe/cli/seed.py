@@ -7,12 +7,12 @@ commands").
                                            MODE=resume: lmpipe resume
     python3 training_resume.py           → lmpipe resume --source $TRAINING_DATA_SOURCE
 
-Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob; the
-newest match), MODE, PROMPT (""), MAX_NEW_TOKENS (generate.max_new_tokens: 300, as in the guide),
-SEED (generate.seed), DEVICE (auto), RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4;
-MODE=resume trains only when one of the two is set, else it shows the plan), plus
-ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, MODEL_TYPE, TRAINING_STEPS and
-TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
+Their environment variables, with the guide's defaults: CHECKPOINT_PATH (a path or a glob, the
+newest match; or an MLflow URI, models:/NAME@champion), MODE, PROMPT (""), MAX_NEW_TOKENS
+(generate.max_new_tokens: 300, as in the guide), SEED (generate.seed), DEVICE (auto),
+RESUME_TRAINING_STEPS (5000), RESUME_LEARNING_RATE (3e-4; MODE=resume trains only when one of the
+two is set, else it shows the plan), plus ENABLE_CHECKPOINTS, CHECKPOINT_INTERVAL, CHECKPOINT_DIR,
+MODEL_TYPE, TRAINING_STEPS and TRAINING_DATA_SOURCE (lmpipe.config.ENV_VARS).
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ LOAD_CHECKPOINT_HELP = ("usage: [VARIABLE=VALUE ...] python3 scripts/load_checkp
       resume training (lmpipe resume --steps --lr): setting either variable starts it; the other
       takes the guide's default. TRAINING_DATA_SOURCE=PATH continues on new data.
 
+CHECKPOINT_PATH may also name a model in MLflow: models:/NAME/VERSION, models:/NAME@ALIAS (e.g.
+@champion) or runs:/RUN_ID/PATH; it is downloaded once into checkpoint.dir/.mlflow-downloads/.
 A glob picks its newest match. Without TRAINING_DATA_SOURCE a resume continues on the checkpoint's
 own data.
 """
@@ -102,16 +104,17 @@ def load_checkpoint(mode: str | None = None) -> int:
     """MODE=inference generates; MODE=resume shows the checkpoint and the resume plan, and trains
     only when RESUME_TRAINING_STEPS or RESUME_LEARNING_RATE is set (training_resume.py always
     trains)."""
-    from lmpipe.ckpt.locate import resolve_checkpoint
     from lmpipe.cli.main import main as lmpipe
     from lmpipe.common.errors import UserError, warn
     from lmpipe.config import load_config
+    from lmpipe.tracking.uris import is_uri, resolve
 
     spec = os.environ.get("CHECKPOINT_PATH", "")
     if not spec:
         raise UserError("CHECKPOINT_PATH is not set; set it to a checkpoint file or glob, e.g. "
                         "CHECKPOINT_PATH=checkpoints/checkpoint_gpt_*_step2000_*.pt (list them "
-                        "with 'lmpipe ckpt list' or 'ls checkpoints/')")
+                        "with 'lmpipe ckpt list' or 'ls checkpoints/'), or to a registered "
+                        "version, e.g. CHECKPOINT_PATH=models:/NAME@champion")
     script = _shown_path(sys.argv[0] or "scripts/load_checkpoint.py")
     trains = mode == "resume"  # training_resume.py always trains
     mode = mode or os.environ.get("MODE", "") or "inference"
@@ -122,7 +125,7 @@ def load_checkpoint(mode: str | None = None) -> int:
             warn(f"{var}={os.environ[var]} has no effect with MODE={mode}; it applies to "
                  f"MODE={'resume' if mode == 'inference' else 'inference'}")
     cfg = load_config()
-    path = resolve_checkpoint(spec, cfg.checkpoint.dir)
+    path = resolve(spec, cfg.checkpoint.dir)
     if mode == "inference":
         return lmpipe(["generate", "--checkpoint", str(path), "--prompt",
                        os.environ.get("PROMPT", ""),
@@ -130,25 +133,26 @@ def load_checkpoint(mode: str | None = None) -> int:
                        str(_env_number("MAX_NEW_TOKENS", str(cfg.generate.max_new_tokens), int)),
                        "--seed", str(_env_seed(cfg.generate.seed)),
                        "--device", os.environ.get("DEVICE", "") or "auto"])
-    return _resume(path, script, dry_run=not trains and not (
+    return _resume(path, spec if is_uri(spec) else str(path), script, dry_run=not trains and not (
         os.environ.get("RESUME_TRAINING_STEPS") or os.environ.get("RESUME_LEARNING_RATE")))
 
 
-def _resume(path: Path, script: str, dry_run: bool) -> int:
-    """The guide's resume: with neither RESUME_ variable set, only show what would happen."""
+def _resume(path: Path, spec: str, script: str, dry_run: bool) -> int:
+    """The guide's resume of `path` (`spec` names it: the path, or the MLflow URI it was downloaded
+    from): with neither RESUME_ variable set, only show what would happen."""
     from lmpipe.cli.main import main as lmpipe
 
     steps = _env_number("RESUME_TRAINING_STEPS", "5000", int)
     lr = _env_number("RESUME_LEARNING_RATE", "3e-4", float)
     _describe(path)
     source = os.environ.get("TRAINING_DATA_SOURCE", "")
-    args = ["resume", "--checkpoint", str(path), "--steps", str(steps), "--lr", str(lr),
+    args = ["resume", "--checkpoint", spec, "--steps", str(steps), "--lr", str(lr),
             *(["--source", source] if source else [])]
     if not dry_run:
         return lmpipe(args)
     code = lmpipe([*args, "--dry-run"])
     if code == 0:
-        env = (f"CHECKPOINT_PATH={path} MODE=resume RESUME_TRAINING_STEPS={steps} "
+        env = (f"CHECKPOINT_PATH={spec} MODE=resume RESUME_TRAINING_STEPS={steps} "
                f"RESUME_LEARNING_RATE={lr}")
         print(f"or, as the guide: {env}{' TRAINING_DATA_SOURCE=' + source if source else ''} "
               f"python3 {script}\n(nothing was trained: MODE=resume trains only when "
