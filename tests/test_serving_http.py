@@ -193,9 +193,9 @@ def test_serving_a_version_whose_checkpoint_artifact_was_deleted_says_so(registe
     capsys.readouterr()
     assert main(["serve", reg["uri"], "--port", str(free_port())]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"lmpipe: error: {reg['uri']} (version "), err
-    assert f"the checkpoint artifact {checkpoint.name} is missing from" in err
-    assert "register it again" in err
+    assert err.count("\n") == 0 and err.startswith(f"lmpipe: error: {reg['uri']}: "), err
+    assert f"{checkpoint.name}) is missing from the artifact store" in err
+    assert "register the checkpoint again" in err
     # and a URI that resolves to nothing lists what there is
     assert main(["serve", f"models:/{name}@nightly"]) == 2
     assert "has no alias 'nightly'; aliases: @champion" in capsys.readouterr().err

@@ -302,14 +302,33 @@ def _cached(folder: Path) -> Path | None:
     return None
 
 
+def locate(uri: str) -> tuple[object, str]:
+    """Check, without downloading, that a models:/ or runs:/ URI names a checkpoint that is in the
+    artifact store: (its artifact repository, the checkpoint's path in it). UserError otherwise,
+    one line listing what exists (`lmpipe serve` checks this before it starts a server)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        source = _source(_client(), uri)
+        repo = _repository(source)
+        return repo, _checkpoint_in(repo, source)
+    except MlflowException as e:
+        raise UserError(f"{uri}: cannot read it from the tracking store {tracking_uri()}: "
+                        f"{str(e.message).splitlines()[0]}") from None
+
+
+def _repository(source: Source):
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(source.repo, tracking_uri=tracking_uri(),
+                                   registry_uri=tracking_uri())
+
+
 def _download(source: Source, folder: Path, cache: Path) -> Path:
     """Download into a temporary folder in `cache`, check it, record its sha256 in a manifest
     there, then rename it to `folder`: a cache folder is complete or absent, and a failed download
     leaves nothing."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    repo = get_artifact_repository(source.repo, tracking_uri=tracking_uri(),
-                                   registry_uri=tracking_uri())
+    repo = _repository(source)
     path = _checkpoint_in(repo, source)
     cache.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
