@@ -1,0 +1,452 @@
+"""The tracking buffer: MLflow writes that outlast an outage of the tracking server.
+
+Each write (a batch of step metrics, a checkpoint as a logged model, artifacts, the end of a run) is
+first recorded in a journal on disk, BUFFER_DIR: one JSON file per operation, named so that they
+sort in the order they were made, plus the files it uploads (hard links, or copies: a checkpoint
+that retention deletes meanwhile is still sent). Then it is sent, and its record is removed only
+once the server has taken it. Sending one again does no harm:
+- metrics keep the timestamp they were logged with, and the store keeps one row per (run, key,
+  step, timestamp, value);
+- a checkpoint whose logged model is already READY is not logged again, and a leftover of an
+  attempt that failed half-way (never READY) is deleted before the new one is made;
+- an artifact overwrites itself, and a run's end is the same end.
+A record is sent by one thread of one process at a time (an flock on it); another skips it.
+
+While the server does not answer, training does not wait on it: a request gets one try and
+TIMEOUT_S seconds (MLflow's default: 7 retries over ~4 minutes, 120 s each), and after a failure the
+periodic writes only go to the journal until RETRY_EVERY_S later; a checkpoint, the end of a run,
+the next lmpipe command that uses MLflow and `lmpipe tracking flush` try again at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from lmpipe.common.errors import UserError, joined, warn
+from lmpipe.common.fileio import atomic_write_text
+
+BUFFER_DIR = Path(".lmpipe/tracking-buffer")
+FAILED = "failed"  # records the server refused (4xx), kept with the reason beside them
+TIMEOUT_S = 5
+RETRY_EVERY_S = 30
+
+Sender = Callable[[dict, list[Path]], Any]  # (record, its files) → what the caller gets back
+
+
+class TrackingUnreachable(UserError):
+    """The tracking server does not answer."""
+
+    exit_code = 1
+
+
+@dataclass
+class Outcome:
+    """What one pass over the journal did."""
+    sent: int = 0
+    pending: int = 0  # records still in the journal (of the runs and kinds asked about)
+    unreachable: str | None = None  # why the server did not answer, if it did not
+    values: dict[str, Any] = field(default_factory=dict)  # record name → what its sender returned
+
+
+# --- the journal ---------------------------------------------------------------------------------
+
+_seq = itertools.count()
+
+
+def record(kind: str, uri: str, run_id: str, files: list[Path] = (), **fields) -> Path:
+    """Write one operation to the journal, its files first; return the record's path."""
+    name = f"{time.time_ns():019d}-{kind}-{run_id}-{os.getpid()}-{next(_seq)}"
+    path = BUFFER_DIR / f"{name}.json"
+    kept = []
+    for i, f in enumerate(files):
+        kept.append(f"{i}/{Path(f).name}")
+        _keep(Path(f), _files_dir(path) / kept[-1])
+    body = {"kind": kind, "uri": uri, "run_id": run_id, "files": kept, **fields}
+    atomic_write_text(path, json.dumps(body, default=str))
+    return path
+
+
+def pending(run_id: str | None = None, kinds: tuple[str, ...] | None = None) -> list[Path]:
+    """The journal's records, oldest first; of one run and some kinds if asked."""
+    if not BUFFER_DIR.is_dir():
+        return []
+    out = []
+    for path in sorted(BUFFER_DIR.glob("[0-9]*.json")):
+        _, kind, rest = path.stem.split("-", 2)
+        if (kinds is None or kind in kinds) and (run_id is None or rest.startswith(f"{run_id}-")):
+            out.append(path)
+    return out
+
+
+def refused() -> list[Path]:
+    return sorted((BUFFER_DIR / FAILED).glob("*.json"))
+
+
+def uris() -> list[str]:
+    """The tracking URIs the journal holds records for, in the order of their oldest record."""
+    seen: dict[str, None] = {}
+    for path in pending():
+        try:
+            seen[json.loads(path.read_text(encoding="utf-8"))["uri"]] = None
+        except (OSError, ValueError):  # sent (and removed) meanwhile
+            pass
+    return list(seen)
+
+
+def _files_dir(path: Path) -> Path:
+    return path.with_suffix(".files")
+
+
+def _keep(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # no copy, and the data outlives the original's deletion
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(src, dst)
+
+
+@contextmanager
+def _claimed(path: Path) -> Iterator[dict | None]:
+    """The record, held by this thread alone while the block runs; None if another thread or
+    process holds it or has sent it."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        yield None
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield json.load(f) if os.fstat(f.fileno()).st_nlink else None
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    shutil.rmtree(_files_dir(path), ignore_errors=True)
+
+
+def _refuse(path: Path, error: BaseException) -> None:
+    """Move a record the server refused out of the way, with the reason beside it."""
+    where = BUFFER_DIR / FAILED
+    where.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(where / f"{path.stem}.error", f"{type(error).__name__}: {error}\n")
+    if _files_dir(path).exists():
+        os.replace(_files_dir(path), where / _files_dir(path).name)
+    os.replace(path, where / path.name)
+    warn(f"the MLflow tracking server refused a buffered write ({_reason(error)}); it is kept in "
+         f"{where / path.name}")
+
+
+# --- sending -------------------------------------------------------------------------------------
+
+_down: dict[str, float] = {}  # tracking URI → when a request to it last failed (time.monotonic)
+
+
+def retry(uri: str, senders: dict[str, Sender], run_id: str | None = None,
+          kinds: tuple[str, ...] | None = None, force: bool = True) -> Outcome:
+    """Send the journal's records for `uri` (of one run and some kinds, if asked), oldest first,
+    each removed once sent; stop at the first that gets no answer. Without `force`, nothing is
+    tried within RETRY_EVERY_S of a failed request."""
+    out = Outcome()
+    was_down = uri in _down
+    if force or not was_down or time.monotonic() - _down[uri] >= RETRY_EVERY_S:
+        with quick():
+            for path in pending(run_id, kinds):
+                if not _send(path, uri, senders, out):
+                    break
+    out.pending = len(pending(run_id, kinds))
+    if was_down and out.unreachable is None and out.sent:
+        _down.pop(uri, None)
+        print(f"lmpipe: the MLflow tracking server at {uri} answers again; sent {out.sent} "
+              "buffered writes", file=sys.stderr, flush=True)
+    return out
+
+
+def _send(path: Path, uri: str, senders: dict[str, Sender], out: Outcome) -> bool:
+    """One record: sent and removed, refused (moved to FAILED), or kept. False: no answer."""
+    with _claimed(path) as op:
+        if op is None or op["uri"] != uri:
+            return True
+        try:
+            value = senders[op["kind"]](op, [_files_dir(path) / f for f in op["files"]])
+        except Exception as e:  # noqa: BLE001 - sorted into no answer, a server error, refused
+            if _no_answer(e) or _server_error(e):
+                if uri not in _down:
+                    warn(f"the MLflow tracking server at {uri} does not answer ({_reason(e)}); "
+                         f"MLflow writes are kept in {BUFFER_DIR} until it does")
+                _down[uri] = time.monotonic()
+                out.unreachable = _reason(e)
+                return not _no_answer(e)  # a 5xx on one record: the next may go through
+            _refuse(path, e)
+            return True
+        _remove(path)
+    out.sent += 1
+    out.values[path.name] = value
+    return True
+
+
+def submit(kind: str, uri: str, run_id: str, senders: dict[str, Sender], files: list[Path] = (),
+           force: bool = True, **fields) -> tuple[bool, Any]:
+    """Record one operation and send it (with the run's older records of that kind): whether it
+    went, and what its sender returned."""
+    path = record(kind, uri, run_id, files, **fields)
+    out = retry(uri, senders, run_id, (kind,), force)
+    return path.name in out.values, out.values.get(path.name)
+
+
+def _no_answer(e: BaseException | None) -> bool:
+    """No HTTP answer: refused, reset or timed out (MLflow wraps requests' error in its own)."""
+    import requests
+
+    while e is not None:
+        if isinstance(e, (requests.RequestException, ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _server_error(e: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.get_http_status_code() >= 500
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    if m := re.search(r"\[Errno -?\d+\] ([^'\")]+)", text):
+        return m.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"no answer within {TIMEOUT_S} s"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+# --- flushing, and a run's end -------------------------------------------------------------------
+
+def flush_pending(uri: str, senders: dict[str, Sender]) -> None:
+    """Before a command writes to MLflow: send what earlier ones left for `uri`, if it answers."""
+    if not pending() or unanswered(uri):
+        return
+    if (out := retry(uri, senders)).sent:
+        print(f"lmpipe: sent {out.sent} MLflow writes buffered earlier to {uri}", file=sys.stderr,
+              flush=True)
+
+
+def flush_all(senders: dict[str, Sender]) -> str:
+    """`lmpipe tracking flush`: every record to its own server; one line saying what was sent.
+    TrackingUnreachable (exit 1) if a server does not answer: its records stay."""
+    targets, sent, down = uris(), 0, []
+    for uri in targets:
+        reason = unanswered(uri)
+        out = Outcome(unreachable=reason) if reason else retry(uri, senders)
+        sent += out.sent
+        if out.unreachable:
+            down.append(f"{uri} ({out.unreachable})")
+    left, bad = len(pending()), len(refused())
+    note = f"; {bad} writes the server refused are in {BUFFER_DIR / FAILED}" if bad else ""
+    if down:
+        raise TrackingUnreachable(
+            f"the MLflow tracking server at {joined(down)} does not answer: {left} buffered writes "
+            f"stay in {BUFFER_DIR} ({sent} sent){note}; run 'lmpipe tracking flush' again once it "
+            "is up")
+    if not targets:
+        return f"nothing to send: {BUFFER_DIR} holds no buffered MLflow writes{note}"
+    return (f"sent {sent} buffered MLflow writes to {', '.join(targets)}; {left} left in "
+            f"{BUFFER_DIR}{note}")
+
+
+@contextmanager
+def outlasting(active_run, uri: str, senders: dict[str, Sender]) -> Iterator[Any]:
+    """mlflow.start_run's run, ended (FINISHED, or FAILED on an exception) whether or not the
+    server answers then."""
+    status = "FAILED"
+    try:
+        yield active_run
+        status = "FINISHED"
+    finally:
+        end_run(uri, active_run.info.run_id, status, senders)
+
+
+def end_run(uri: str, run_id: str, status: str, senders: dict[str, Sender]) -> None:
+    """End the active run: its records sent first; its end recorded if the server does not take
+    it."""
+    import mlflow
+
+    retry(uri, senders, run_id)
+    end_time = int(time.time() * 1000)
+    try:
+        with quick():
+            mlflow.end_run(status)  # leaves the active run first, then tells the server
+        return
+    except Exception as e:
+        if not (_no_answer(e) or _server_error(e)):
+            raise
+        _down[uri] = time.monotonic()
+    record("end", uri, run_id, status=status, end_time=end_time)
+    warn(f"MLflow run {run_id}: {len(pending(run_id))} writes wait in {BUFFER_DIR} for the "
+         f"tracking server at {uri}; the next lmpipe command that uses MLflow sends them, or "
+         "'lmpipe tracking flush'")
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str,
+             senders: dict[str, Sender]) -> None:
+    """mlflow.log_text, through the journal."""
+    folder, _, name = artifact_file.rpartition("/")
+    tmp = BUFFER_DIR / f".text-{os.getpid()}-{next(_seq)}"
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / name).write_text(text, encoding="utf-8")
+        submit("artifacts", uri, run_id, senders, files=[tmp / name], artifact_paths=[folder])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- short requests and the server's health ------------------------------------------------------
+
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(TIMEOUT_S)}
+_quick_lock = threading.Lock()
+_quick_state: dict[str, Any] = {"users": 0, "saved": {}}
+
+
+@contextmanager
+def quick() -> Iterator[None]:
+    """MLflow's HTTP requests get one try and TIMEOUT_S seconds while any thread is inside (MLflow
+    reads these variables at each request); the user's settings come back after."""
+    with _quick_lock:
+        if _quick_state["users"] == 0:
+            _quick_state["saved"] = {k: os.environ.get(k) for k in _QUICK}
+            os.environ.update(_QUICK)
+        _quick_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _quick_lock:
+            _quick_state["users"] -= 1
+            if _quick_state["users"] == 0:
+                for k, v in _quick_state["saved"].items():
+                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def unanswered(uri: str) -> str | None:
+    """Why a tracking server does not answer its /health within TIMEOUT_S; None if it does (any
+    HTTP answer counts, an auth proxy's 401 too) or if `uri` is not a server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=TIMEOUT_S).close()
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}" if e.code >= 500 else None
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return "timed out" if isinstance(reason, TimeoutError) else str(
+            getattr(reason, "strerror", None) or reason)
+    return None
+
+
+def require_reachable(uri: str) -> None:
+    if reason := unanswered(uri):
+        raise TrackingUnreachable(
+            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer "
+            f"({reason}); start it ('make mlflow-server'), or unset MLFLOW_TRACKING_URI to use "
+            "the local store in ./mlruns")
+
+
+# --- what each kind of record does ---------------------------------------------------------------
+
+def metric_rows(metrics: dict[str, float], step: int) -> list[dict]:
+    """Metrics as journal rows, stamped now: the stamp makes sending them again harmless."""
+    now = int(time.time() * 1000)
+    return [{"key": k, "value": float(v), "timestamp": now, "step": step}
+            for k, v in metrics.items()]
+
+
+def send_metrics(op: dict, _files: list[Path]) -> None:
+    """rows → the run, in batches; with "model" in the record (its id, or null: those the run
+    logged at that step), as MLflow's fluent log_metrics links them to logged models."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    rows = op["rows"]
+    if "model" not in op:
+        client = MlflowClient(tracking_uri=op["uri"])
+        for i in range(0, len(rows), 1000):  # MLflow's limit per batch
+            client.log_batch(op["run_id"], synchronous=True, metrics=[
+                Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows[i:i + 1000]])
+        return
+    _use(op["uri"])
+    for (step, stamp), group in itertools.groupby(rows, lambda r: (r["step"], r["timestamp"])):
+        mlflow.log_metrics({r["key"]: r["value"] for r in group}, step=step, timestamp=stamp,
+                           run_id=op["run_id"], model_id=op["model"], synchronous=True)
+
+
+def send_artifacts(op: dict, files: list[Path]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=op["uri"])
+    for f, where in zip(files, op["artifact_paths"], strict=True):
+        client.log_artifact(op["run_id"], str(f), where or None)
+
+
+def send_end(op: dict, _files: list[Path]) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=op["uri"]).set_terminated(op["run_id"], op["status"],
+                                                        op["end_time"])
+
+
+def send_checkpoint(op: dict, files: list[Path], log_checkpoint: Callable[..., str]) -> str:
+    """A checkpoint's logged model, made by `log_checkpoint` (lmpipe.tracking.runs) unless the run
+    has it READY already, then its metrics, linked to it."""
+    model_id = ready_checkpoint_model(op["uri"], op["experiment_id"], op["run_id"], op["name"])
+    if model_id is None:
+        _use(op["uri"])
+        model_id = log_checkpoint(op["run_id"], op["experiment_id"], files[0], op["step"],
+                                  op["params"], {})
+    if op["rows"]:
+        send_metrics({**op, "model": model_id}, files)
+    return model_id
+
+
+def ready_checkpoint_model(uri: str, experiment_id: str, run_id: str, name: str) -> str | None:
+    """The id of the run's READY logged model `name`; leftovers of a failed attempt (PENDING,
+    FAILED) are deleted so that only one model stays."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id], max_results=100,
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    ready = [m.model_id for m in found if m.status == LoggedModelStatus.READY]
+    for m in found:
+        if m.model_id not in ready:
+            client.delete_logged_model(m.model_id)
+    return ready[0] if ready else None
+
+
+def _use(uri: str) -> None:
+    """Point MLflow's fluent API at `uri` (what log_checkpoint and log_metrics use)."""
+    import mlflow
+
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+
+
+SENDERS: dict[str, Sender] = {"metrics": send_metrics, "artifacts": send_artifacts,
+                              "end": send_end}
