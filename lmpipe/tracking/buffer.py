@@ -12,10 +12,14 @@ once the server has taken it. Sending one again does no harm:
 - an artifact overwrites itself, and a run's end is the same end.
 A record is sent by one thread of one process at a time (an flock on it); another skips it.
 
-While the server does not answer, training does not wait on it: a request gets one try and
-TIMEOUT_S seconds (MLflow's default: 7 retries over ~4 minutes, 120 s each), and after a failure the
-periodic writes only go to the journal until RETRY_EVERY_S later; a checkpoint, the end of a run,
-the next lmpipe command that uses MLflow and `lmpipe tracking flush` try again at once.
+While the server does not answer, training does not wait on it: a request gets one try of at most
+TIMEOUT_S seconds (MLflow's default: 7 retries with backoff, ~4 minutes, 120 s each). A server that
+refuses connections (stopped) is asked again at each write: that costs a millisecond. One that let
+a request time out (hung, or a host that drops packets) is not asked again for RETRY_EVERY_S: the
+writes meanwhile only go to the journal. So a hung server costs training at most TIMEOUT_S per
+RETRY_EVERY_S (the checkpoint writer's thread may spend as much beside it, and a save waits for
+it), and the end of a run 2 * TIMEOUT_S. The next lmpipe command that writes to MLflow, and
+`lmpipe tracking flush`, send what is left.
 """
 from __future__ import annotations
 
@@ -155,17 +159,18 @@ def _refuse(path: Path, error: BaseException) -> None:
 
 # --- sending -------------------------------------------------------------------------------------
 
-_down: dict[str, float] = {}  # tracking URI → when a request to it last failed (time.monotonic)
+_down: dict[str, tuple[float, bool]] = {}  # URI → when a request last failed, whether it timed out
 
 
 def retry(uri: str, senders: dict[str, Sender], run_id: str | None = None,
-          kinds: tuple[str, ...] | None = None, force: bool = True) -> Outcome:
+          kinds: tuple[str, ...] | None = None) -> Outcome:
     """Send the journal's records for `uri` (of one run and some kinds, if asked), oldest first,
-    each removed once sent; stop at the first that gets no answer. Without `force`, nothing is
-    tried within RETRY_EVERY_S of a failed request."""
+    each removed once sent; stop at the first that gets no answer. Within RETRY_EVERY_S of a
+    request that timed out, try nothing."""
     out = Outcome()
     was_down = uri in _down
-    if force or not was_down or time.monotonic() - _down[uri] >= RETRY_EVERY_S:
+    failed, timed_out = _down.get(uri, (0.0, False))
+    if not timed_out or time.monotonic() - failed >= RETRY_EVERY_S:
         with quick():
             for path in pending(run_id, kinds):
                 if not _send(path, uri, senders, out):
@@ -190,7 +195,7 @@ def _send(path: Path, uri: str, senders: dict[str, Sender], out: Outcome) -> boo
                 if uri not in _down:
                     warn(f"the MLflow tracking server at {uri} does not answer ({_reason(e)}); "
                          f"MLflow writes are kept in {BUFFER_DIR} until it does")
-                _down[uri] = time.monotonic()
+                _failed(uri, e)
                 out.unreachable = _reason(e)
                 return not _no_answer(e)  # a 5xx on one record: the next may go through
             _refuse(path, e)
@@ -202,12 +207,16 @@ def _send(path: Path, uri: str, senders: dict[str, Sender], out: Outcome) -> boo
 
 
 def submit(kind: str, uri: str, run_id: str, senders: dict[str, Sender], files: list[Path] = (),
-           force: bool = True, **fields) -> tuple[bool, Any]:
+           **fields) -> tuple[bool, Any]:
     """Record one operation and send it (with the run's older records of that kind): whether it
     went, and what its sender returned."""
     path = record(kind, uri, run_id, files, **fields)
-    out = retry(uri, senders, run_id, (kind,), force)
+    out = retry(uri, senders, run_id, (kind,))
     return path.name in out.values, out.values.get(path.name)
+
+
+def _failed(uri: str, e: BaseException) -> None:
+    _down[uri] = (time.monotonic(), _timed_out(e))
 
 
 def _no_answer(e: BaseException | None) -> bool:
@@ -216,6 +225,16 @@ def _no_answer(e: BaseException | None) -> bool:
 
     while e is not None:
         if isinstance(e, (requests.RequestException, ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _timed_out(e: BaseException | None) -> bool:
+    import requests
+
+    while e is not None:
+        if isinstance(e, (requests.Timeout, TimeoutError)) or "timed out" in str(e).lower():
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -231,7 +250,7 @@ def _reason(e: BaseException) -> str:
     text = str(e)
     if m := re.search(r"\[Errno -?\d+\] ([^'\")]+)", text):
         return m.group(1).strip()
-    if "timed out" in text.lower() or "timeout" in text.lower():
+    if _timed_out(e):
         return f"no answer within {TIMEOUT_S} s"
     return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -242,6 +261,7 @@ def flush_pending(uri: str, senders: dict[str, Sender]) -> None:
     """Before a command writes to MLflow: send what earlier ones left for `uri`, if it answers."""
     if not pending() or unanswered(uri):
         return
+    _down.pop(uri, None)  # it answers now
     if (out := retry(uri, senders)).sent:
         print(f"lmpipe: sent {out.sent} MLflow writes buffered earlier to {uri}", file=sys.stderr,
               flush=True)
@@ -252,8 +272,11 @@ def flush_all(senders: dict[str, Sender]) -> str:
     TrackingUnreachable (exit 1) if a server does not answer: its records stay."""
     targets, sent, down = uris(), 0, []
     for uri in targets:
-        reason = unanswered(uri)
-        out = Outcome(unreachable=reason) if reason else retry(uri, senders)
+        if reason := unanswered(uri):
+            out = Outcome(unreachable=reason)
+        else:
+            _down.pop(uri, None)
+            out = retry(uri, senders)
         sent += out.sent
         if out.unreachable:
             down.append(f"{uri} ({out.unreachable})")
@@ -296,7 +319,7 @@ def end_run(uri: str, run_id: str, status: str, senders: dict[str, Sender]) -> N
     except Exception as e:
         if not (_no_answer(e) or _server_error(e)):
             raise
-        _down[uri] = time.monotonic()
+        _failed(uri, e)
     record("end", uri, run_id, status=status, end_time=end_time)
     warn(f"MLflow run {run_id}: {len(pending(run_id))} writes wait in {BUFFER_DIR} for the "
          f"tracking server at {uri}; the next lmpipe command that uses MLflow sends them, or "

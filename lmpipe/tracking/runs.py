@@ -82,8 +82,7 @@ class MetricLog:
     """Step metrics of one run, buffered and written in batches: every `every` seconds, and on
     flush() (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's
     own async logging would do the same, but each of its flushes waits up to 1 s on an idle
-    queue. Each batch goes through the tracking buffer (lmpipe.tracking.buffer); while the server
-    is down, only a forced flush (a checkpoint, the end) asks it again before RETRY_EVERY_S."""
+    queue. Each batch goes through the tracking buffer (lmpipe.tracking.buffer)."""
 
     def __init__(self, run_id: str, every: float = 5.0):
         self.run_id, self.every, self.uri = run_id, every, tracking_uri()
@@ -93,12 +92,12 @@ class MetricLog:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.pending += buffer.metric_rows(metrics, step)
         if time.monotonic() - self.last >= self.every:
-            self.flush(force=False)
+            self.flush()
 
-    def flush(self, force: bool = True) -> None:
+    def flush(self) -> None:
         if self.pending:
             buffer.record("metrics", self.uri, self.run_id, rows=self.pending)
-        buffer.retry(self.uri, senders(), self.run_id, ("metrics",), force)
+        buffer.retry(self.uri, senders(), self.run_id, ("metrics",))
         self.pending, self.last = [], time.monotonic()
 
 
