@@ -1,15 +1,12 @@
 """The tracking buffer: MLflow writes that outlast an outage of the tracking server.
 
-Each write (a batch of step metrics, a checkpoint as a logged model, artifacts, the end of a run) is
-first recorded in a journal on disk, BUFFER_DIR: one JSON file per operation, named so that they
-sort in the order they were made, plus the files it uploads (hard links, or copies: a checkpoint
-that retention deletes meanwhile is still sent). Then it is sent, and its record is removed only
-once the server has taken it. Sending one again does no harm:
-- metrics keep the timestamp they were logged with, and the store keeps one row per (run, key,
-  step, timestamp, value);
-- a checkpoint whose logged model is already READY is not logged again, and a leftover of an
-  attempt that failed half-way (never READY) is deleted before the new one is made;
-- an artifact overwrites itself, and a run's end is the same end.
+Each write (a batch of step metrics, a checkpoint as a logged model, artifacts, the end of a run:
+lmpipe.tracking.writes) is first recorded in a journal on disk, BUFFER_DIR: one JSON file per
+operation, named so that they sort in the order they were made, plus the files it uploads (hard
+links, or copies: a checkpoint that retention deletes meanwhile is still sent). Then it is sent,
+and its record is removed only once the server has taken it. Sending one again does no harm
+(lmpipe.tracking.writes says why for each kind), so a write whose answer was lost is not a
+duplicate.
 A record is sent by one thread of one process at a time (an flock on it); another skips it.
 
 While the server does not answer, training does not wait on it: a request gets one try of at most
@@ -60,7 +57,6 @@ class TrackingUnreachable(UserError):
 class Outcome:
     """What one pass over the journal did."""
     sent: int = 0
-    pending: int = 0  # records still in the journal (of the runs and kinds asked about)
     unreachable: str | None = None  # why the server did not answer, if it did not
     values: dict[str, Any] = field(default_factory=dict)  # record name → what its sender returned
 
@@ -117,7 +113,9 @@ def _files_dir(path: Path) -> Path:
 def _keep(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)  # no copy, and the data outlives the original's deletion
+        # no copy, and the data outlives the original's deletion; lmpipe replaces its files by
+        # rename (atomic_path), never in place, so the link keeps what was logged
+        os.link(src, dst)
     except OSError:  # another file system, or one without hard links
         shutil.copyfile(src, dst)
 
@@ -175,7 +173,6 @@ def retry(uri: str, senders: dict[str, Sender], run_id: str | None = None,
             for path in pending(run_id, kinds):
                 if not _send(path, uri, senders, out):
                     break
-    out.pending = len(pending(run_id, kinds))
     if was_down and out.unreachable is None and out.sent:
         _down.pop(uri, None)
         print(f"lmpipe: the MLflow tracking server at {uri} answers again; sent {out.sent} "
@@ -387,89 +384,3 @@ def require_reachable(uri: str) -> None:
             f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer "
             f"({reason}); start it ('make mlflow-server'), or unset MLFLOW_TRACKING_URI to use "
             "the local store in ./mlruns")
-
-
-# --- what each kind of record does ---------------------------------------------------------------
-
-def metric_rows(metrics: dict[str, float], step: int) -> list[dict]:
-    """Metrics as journal rows, stamped now: the stamp makes sending them again harmless."""
-    now = int(time.time() * 1000)
-    return [{"key": k, "value": float(v), "timestamp": now, "step": step}
-            for k, v in metrics.items()]
-
-
-def send_metrics(op: dict, _files: list[Path]) -> None:
-    """rows → the run, in batches; with "model" in the record (its id, or null: those the run
-    logged at that step), as MLflow's fluent log_metrics links them to logged models."""
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    rows = op["rows"]
-    if "model" not in op:
-        client = MlflowClient(tracking_uri=op["uri"])
-        for i in range(0, len(rows), 1000):  # MLflow's limit per batch
-            client.log_batch(op["run_id"], synchronous=True, metrics=[
-                Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows[i:i + 1000]])
-        return
-    _use(op["uri"])
-    for (step, stamp), group in itertools.groupby(rows, lambda r: (r["step"], r["timestamp"])):
-        mlflow.log_metrics({r["key"]: r["value"] for r in group}, step=step, timestamp=stamp,
-                           run_id=op["run_id"], model_id=op["model"], synchronous=True)
-
-
-def send_artifacts(op: dict, files: list[Path]) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=op["uri"])
-    for f, where in zip(files, op["artifact_paths"], strict=True):
-        client.log_artifact(op["run_id"], str(f), where or None)
-
-
-def send_end(op: dict, _files: list[Path]) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=op["uri"]).set_terminated(op["run_id"], op["status"],
-                                                        op["end_time"])
-
-
-def send_checkpoint(op: dict, files: list[Path], log_checkpoint: Callable[..., str]) -> str:
-    """A checkpoint's logged model, made by `log_checkpoint` (lmpipe.tracking.runs) unless the run
-    has it READY already, then its metrics, linked to it."""
-    model_id = ready_checkpoint_model(op["uri"], op["experiment_id"], op["run_id"], op["name"])
-    if model_id is None:
-        _use(op["uri"])
-        model_id = log_checkpoint(op["run_id"], op["experiment_id"], files[0], op["step"],
-                                  op["params"], {})
-    if op["rows"]:
-        send_metrics({**op, "model": model_id}, files)
-    return model_id
-
-
-def ready_checkpoint_model(uri: str, experiment_id: str, run_id: str, name: str) -> str | None:
-    """The id of the run's READY logged model `name`; leftovers of a failed attempt (PENDING,
-    FAILED) are deleted so that only one model stays."""
-    from mlflow import MlflowClient
-    from mlflow.entities import LoggedModelStatus
-
-    client = MlflowClient(tracking_uri=uri)
-    found = client.search_logged_models(
-        experiment_ids=[experiment_id], max_results=100,
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
-    ready = [m.model_id for m in found if m.status == LoggedModelStatus.READY]
-    for m in found:
-        if m.model_id not in ready:
-            client.delete_logged_model(m.model_id)
-    return ready[0] if ready else None
-
-
-def _use(uri: str) -> None:
-    """Point MLflow's fluent API at `uri` (what log_checkpoint and log_metrics use)."""
-    import mlflow
-
-    if mlflow.get_tracking_uri() != uri:
-        mlflow.set_tracking_uri(uri)
-
-
-SENDERS: dict[str, Sender] = {"metrics": send_metrics, "artifacts": send_artifacts,
-                              "end": send_end}

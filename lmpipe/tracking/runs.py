@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmpipe.tracking import buffer, setup, tracking_uri
+from lmpipe.tracking import buffer, setup, tracking_uri, writes
 from lmpipe.tracking.lineage import lineage_tags
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def log_eval_metrics(run_id: str, step: int, metrics: dict[str, float],
     logged model (when there is one)."""
     flush_pending()
     buffer.submit("metrics", tracking_uri(), run_id, senders(), model=model_id,
-                  rows=buffer.metric_rows({f"eval_{k}": v for k, v in metrics.items()}, step))
+                  rows=writes.metric_rows({f"eval_{k}": v for k, v in metrics.items()}, step))
 
 
 def log_samples(run_id: str, step: int, text: str) -> None:
@@ -90,7 +90,7 @@ class MetricLog:
         self.last = time.monotonic()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.pending += buffer.metric_rows(metrics, step)
+        self.pending += writes.metric_rows(metrics, step)
         if time.monotonic() - self.last >= self.every:
             self.flush()
 
@@ -132,7 +132,7 @@ class TrainingTracker:
             sent, model_id = buffer.submit(  # log_checkpoint, through the tracking buffer
                 "checkpoint", self.metrics.uri, self.run_id, senders(), files=[path],
                 experiment_id=self.experiment_id, step=step, name=f"checkpoint-step{step}",
-                params=self.params, rows=buffer.metric_rows(logged_metrics(entry), step))
+                params=self.params, rows=writes.metric_rows(logged_metrics(entry), step))
             if sent:
                 self.model_ids[step] = model_id
 
@@ -172,8 +172,8 @@ def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, param
 
 def senders() -> dict[str, buffer.Sender]:
     """What sends each kind of tracking-buffer record: the buffer's own, and log_checkpoint."""
-    return {**buffer.SENDERS,
-            "checkpoint": lambda op, files: buffer.send_checkpoint(op, files, log_checkpoint)}
+    return {**writes.SENDERS,
+            "checkpoint": lambda op, files: writes.send_checkpoint(op, files, log_checkpoint)}
 
 
 def flush_pending() -> None:
