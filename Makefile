@@ -61,7 +61,7 @@ mlflow-server: HOST ?= 127.0.0.1
 mlflow-server: PORT ?= 5000
 DB ?= sqlite
 MLFLOW_SERVER_DIR ?= mlflow-server
-BACKEND_STORE_sqlite = sqlite:///$(CURDIR)/$(MLFLOW_SERVER_DIR)/mlflow.db
+BACKEND_STORE_sqlite = sqlite:///$(abspath $(MLFLOW_SERVER_DIR))/mlflow.db
 
 mlflow-server: setup
 	@test -n "$(BACKEND_STORE_$(DB))" || { echo "error: DB=$(DB) is not supported; use DB=sqlite" >&2; exit 2; }
@@ -70,7 +70,7 @@ mlflow-server: setup
 	@echo "point lmpipe at it:     export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
 		--backend-store-uri $(BACKEND_STORE_$(DB)) \
-		--serve-artifacts --artifacts-destination $(CURDIR)/$(MLFLOW_SERVER_DIR)/artifacts \
+		--serve-artifacts --artifacts-destination $(abspath $(MLFLOW_SERVER_DIR))/artifacts \
 		--host $(HOST) --port $(PORT) --workers 1
 
 lock:  # re-freeze the environment into constraints.txt, keeping its header comments
