@@ -138,6 +138,13 @@ def _claimed(path: Path) -> Iterator[dict | None]:
         yield json.load(f) if os.fstat(f.fileno()).st_nlink else None
 
 
+def _sweep(age_s: float = 3600) -> None:
+    """Files of records that were never written (a process killed in record(), log_text)."""
+    for d in list(BUFFER_DIR.glob("*.files")) + list(BUFFER_DIR.glob(".text-*")):
+        if not d.with_suffix(".json").exists() and time.time() - d.stat().st_mtime > age_s:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
     shutil.rmtree(_files_dir(path), ignore_errors=True)
@@ -267,6 +274,7 @@ def flush_pending(uri: str, senders: dict[str, Sender]) -> None:
 def flush_all(senders: dict[str, Sender]) -> str:
     """`lmpipe tracking flush`: every record to its own server; one line saying what was sent.
     TrackingUnreachable (exit 1) if a server does not answer: its records stay."""
+    _sweep()
     targets, sent, down = uris(), 0, []
     for uri in targets:
         if reason := unanswered(uri):
