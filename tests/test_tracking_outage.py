@@ -140,8 +140,8 @@ def test_a_hung_server_costs_one_timeout_then_is_left_alone(project, monkeypatch
 
     from lmpipe.tracking.runs import MetricLog
 
-    monkeypatch.setitem(buffer._QUICK, "MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
-    monkeypatch.setattr(buffer, "TIMEOUT_S", 1)
+    monkeypatch.setitem(buffer._QUICK, "MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(buffer, "TIMEOUT_S", 2)
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)
@@ -153,7 +153,7 @@ def test_a_hung_server_costs_one_timeout_then_is_left_alone(project, monkeypatch
             started = time.monotonic()
             log.flush()
             took.append(time.monotonic() - started)
-    assert 0.9 < took[0] < 3 and took[1] < 0.2 and took[2] < 0.2, took
+    assert 1.9 < took[0] < 5 and max(took[1:]) < 1, took  # (a journal write: milliseconds)
     assert len(buffer.pending("4567cdef")) == 3
 
 
