@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: setup run test test-fast lint fmt bench repro ui serve serve-model lock clean
+.PHONY: setup run test test-fast lint fmt bench repro ui serve serve-model mlflow-server lock clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,27 @@ serve-model: HOST ?= 127.0.0.1
 serve-model: PORT ?= 5001
 serve-model: setup
 	$(BIN)/lmpipe serve $(MODEL) --host $(HOST) --port $(PORT)
+
+# A tracking server for several users or machines: runs and models in a database (DB=sqlite: one
+# file under mlflow-server/), artifacts stored by the server and reached through it
+# (mlflow-artifacts:/, so clients need no access to its disk). Point lmpipe at it with
+# `export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)`. One worker: SQLite takes one writer.
+# No job runner: it serves MLflow's GenAI jobs, which lmpipe does not use.
+mlflow-server: HOST ?= 127.0.0.1
+mlflow-server: PORT ?= 5000
+DB ?= sqlite
+MLFLOW_SERVER_DIR ?= mlflow-server
+BACKEND_STORE_sqlite = sqlite:///$(abspath $(MLFLOW_SERVER_DIR))/mlflow.db
+
+mlflow-server: setup
+	@test -n "$(BACKEND_STORE_$(DB))" || { echo "error: DB=$(DB) is not supported; use DB=sqlite" >&2; exit 2; }
+	@mkdir -p $(MLFLOW_SERVER_DIR)/artifacts
+	@echo "MLflow tracking server: http://$(HOST):$(PORT) (store $(BACKEND_STORE_$(DB)))"
+	@echo "point lmpipe at it:     export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
+		--backend-store-uri $(BACKEND_STORE_$(DB)) \
+		--serve-artifacts --artifacts-destination $(abspath $(MLFLOW_SERVER_DIR))/artifacts \
+		--host $(HOST) --port $(PORT) --workers 1
 
 lock:  # re-freeze the environment into constraints.txt, keeping its header comments
 	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new

@@ -288,7 +288,7 @@ def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
     metrics = eval_model(model, val_ids, len(val_text.encode()), ckpt["block_size"],
                          cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
     _write_json(METRICS, {**metrics, "step": ckpt["step"]})
-    tracking.setup(cfg.tracking.experiment)
+    tracking.connect()  # not setup: a tracking server that is down gets the metrics later
     runs.log_eval_metrics(info["run_id"], ckpt["step"], metrics, info.get("final_model_id"))
     return metrics
 
@@ -312,7 +312,7 @@ def generate(cfg: Config, train_info: dict | None = None) -> dict:
                for i in range(g.num_samples)]
     text = "\n\n-----\n\n".join(samples) + "\n"
     atomic_write_text(SAMPLES, text)
-    tracking.setup(cfg.tracking.experiment)
+    tracking.connect()  # not setup: a tracking server that is down gets the samples later
     runs.log_samples(info["run_id"], ckpt["step"], text)
     return {"samples": str(SAMPLES), "text": samples[0]}
 
@@ -327,13 +327,14 @@ def registered_name(cfg: Config, source: str) -> str:
 def register(cfg: Config, train_info: dict | None = None) -> dict:
     """Register the final checkpoint as a pyfunc model version → outputs/registered.json."""
     from lmpipe import tracking
-    from lmpipe.tracking import registry
+    from lmpipe.tracking import registry, runs
 
     info = _train_info(train_info)
     if not cfg.tracking.register:
         result = {"registered": False}
     else:
-        tracking.setup(cfg.tracking.experiment)
+        tracking.setup(cfg.tracking.experiment)  # a tracking server that is down: one line
+        runs.flush_pending()
         result = registry.register_model(info["run_id"], Path(info["checkpoint"]),
                                          registered_name(cfg, info["source"]), info["step"],
                                          cfg.flat(), cfg.generate)

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration (params.yaml + env + -S)")
     _add_config_args(p)
+
+    p = sub.add_parser("tracking", help="MLflow writes buffered on disk while the tracking "
+                                        "server was down")
+    p.add_argument("action", choices=("flush",),
+                   help="flush: send them now (exit 1 if a server still does not answer)")
     from lmpipe.cli import ckpt as cli_ckpt
 
     cli_ckpt.add_parser(sub, _add_config_args)
@@ -377,6 +382,13 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_tracking(args) -> int:
+    from lmpipe.tracking import buffer, runs
+
+    print(buffer.flush_all(runs.senders()))
+    return 0
+
+
 def cmd_ckpt(args) -> int:
     from lmpipe.cli import ckpt as cli_ckpt
 
@@ -385,7 +397,7 @@ def cmd_ckpt(args) -> int:
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "resume": cmd_resume, "generate": cmd_generate,
             "compare": cmd_compare, "config": cmd_config, "ckpt": cmd_ckpt, "serve": cmd_serve,
-            "runs": cmd_runs}
+            "runs": cmd_runs, "tracking": cmd_tracking}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,14 +18,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS.resolve()}/mlflow.db"
 
 
-def setup(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use)."""
+def connect() -> str:
+    """Point MLflow at the store; return its URI."""
     import mlflow
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
         MLRUNS.mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use). A tracking
+    server that does not answer is one clear line (buffer.TrackingUnreachable), not minutes of
+    MLflow's retries."""
+    import mlflow
+
+    from lmpipe.tracking.buffer import require_reachable
+
+    uri = connect()
+    require_reachable(uri)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         # Local store: artifacts beside the database, not in MLflow's cwd-relative default.

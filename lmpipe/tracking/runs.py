@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmpipe.tracking import setup
+from lmpipe.tracking import buffer, setup, tracking_uri, writes
 from lmpipe.tracking.lineage import lineage_tags
 
 if TYPE_CHECKING:
@@ -93,52 +93,46 @@ def log_training_artifacts(files: list[tuple[str | Path, str]]) -> None:
     """(file, artifact folder) pairs into the active run; a file that is not there is left out."""
     import mlflow
 
-    for path, where in files:
-        if Path(path).exists():
-            mlflow.log_artifact(str(path), where)
+    files = [(Path(path), where) for path, where in files if Path(path).exists()]
+    buffer.submit("artifacts", tracking_uri(), mlflow.active_run().info.run_id, senders(),
+                  files=[f for f, _ in files], artifact_paths=[w for _, w in files])
 
 
 def log_eval_metrics(run_id: str, step: int, metrics: dict[str, float],
                      model_id: str | None) -> None:
     """The evaluate stage's metrics, as eval_*, on the training run and the final checkpoint's
     logged model (when there is one)."""
-    import mlflow
-
-    mlflow.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, step=step, run_id=run_id,
-                       model_id=model_id)
+    flush_pending()
+    buffer.submit("metrics", tracking_uri(), run_id, senders(), model=model_id,
+                  rows=writes.metric_rows({f"eval_{k}": v for k, v in metrics.items()}, step))
 
 
 def log_samples(run_id: str, step: int, text: str) -> None:
     """The generate stage's samples, as the training run's artifact samples/step<N>.txt."""
-    import mlflow
-
-    mlflow.log_text(text, f"samples/step{step}.txt", run_id=run_id)
+    flush_pending()
+    buffer.log_text(tracking_uri(), run_id, text, f"samples/step{step}.txt", senders())
 
 
 class MetricLog:
     """Step metrics of one run, buffered and written in batches: every `every` seconds, and on
     flush() (at each checkpoint, so the metrics up to a checkpoint are durable with it). MLflow's
     own async logging would do the same, but each of its flushes waits up to 1 s on an idle
-    queue."""
+    queue. Each batch goes through the tracking buffer (lmpipe.tracking.buffer)."""
 
     def __init__(self, run_id: str, every: float = 5.0):
-        from mlflow import MlflowClient
-
-        self.client, self.run_id, self.every = MlflowClient(), run_id, every
-        self.pending: list = []
+        self.run_id, self.every, self.uri = run_id, every, tracking_uri()
+        self.pending: list[dict] = []
         self.last = time.monotonic()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending += writes.metric_rows(metrics, step)
         if time.monotonic() - self.last >= self.every:
             self.flush()
 
     def flush(self) -> None:
-        for i in range(0, len(self.pending), 1000):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000], synchronous=True)
+        if self.pending:
+            buffer.record("metrics", self.uri, self.run_id, rows=self.pending)
+        buffer.retry(self.uri, senders(), self.run_id, ("metrics",))
         self.pending, self.last = [], time.monotonic()
 
 
@@ -154,6 +148,7 @@ class TrainingTracker:
         place_run(self.run_id, cfg.tracking.parent_run_id, cfg.tracking.run_name)
         self.metrics = MetricLog(self.run_id)
         self.model_ids: dict[int, str] = {}  # step → the logged model of its checkpoint
+        flush_pending()  # what earlier runs left in the tracking buffer
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.log(step, metrics)
@@ -171,8 +166,12 @@ class TrainingTracker:
         Runs on the checkpoint writer's thread when saves are asynchronous."""
         if self.log_checkpoints:
             step = entry["step"]
-            self.model_ids[step] = log_checkpoint(self.run_id, self.experiment_id, path, step,
-                                                  self.params, logged_metrics(entry))
+            sent, model_id = buffer.submit(  # log_checkpoint, through the tracking buffer
+                "checkpoint", self.metrics.uri, self.run_id, senders(), files=[path],
+                experiment_id=self.experiment_id, step=step, name=f"checkpoint-step{step}",
+                params=self.params, rows=writes.metric_rows(logged_metrics(entry), step))
+            if sent:
+                self.model_ids[step] = model_id
 
 
 def logged_metrics(entry: dict) -> dict[str, float]:
@@ -208,6 +207,22 @@ def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, param
     return model.model_id
 
 
+def senders() -> dict[str, buffer.Sender]:
+    """What sends each kind of tracking-buffer record: the buffer's own, and log_checkpoint."""
+    return {**writes.SENDERS,
+            "checkpoint": lambda op, files: writes.send_checkpoint(op, files, log_checkpoint)}
+
+
+def flush_pending() -> None:
+    """Send what earlier commands left in the tracking buffer for this store, if it answers."""
+    buffer.flush_pending(tracking_uri(), senders())
+
+
+def ended(active_run):
+    """training_run's run, ended whether or not the tracking server answers then (buffer)."""
+    return buffer.outlasting(active_run, tracking_uri(), senders())
+
+
 def log_comparison(experiment: str, params: dict[str, Any], metrics: dict[str, float],
                    artifacts: dict[str, str], inputs: dict[str, str | Path]) -> str:
     """`lmpipe compare` as a run of its own: the checkpoints and settings as params, each model's
@@ -215,6 +230,7 @@ def log_comparison(experiment: str, params: dict[str, Any], metrics: dict[str, f
     import mlflow
 
     experiment_id = setup(experiment)
+    flush_pending()
     with mlflow.start_run(run_name="compare", experiment_id=experiment_id,
                           tags={"lmpipe.kind": "compare"}) as run:
         log_comparison_into(run.info.run_id, params, metrics, artifacts, inputs)

@@ -153,7 +153,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     experiment_id = tracking.setup(cfg.tracking.experiment)
     slug = variant_slug(cfg.model.variant)
     run_name = f"{cfg.model.type}-{meta['source']}" + (f"-{slug}" if slug else "")
-    with runs.training_run(experiment_id, run_name, s.parent_run_id) as run, \
+    with runs.ended(runs.training_run(experiment_id, run_name, s.parent_run_id)) as run, \
             GracefulStop() as stop:
         tracker = runs.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
