@@ -198,4 +198,5 @@ def test_serving_a_version_whose_checkpoint_artifact_was_deleted_says_so(registe
     assert "register the checkpoint again" in err
     # and a URI that resolves to nothing lists what there is
     assert main(["serve", f"models:/{name}@nightly"]) == 2
-    assert "has no alias 'nightly'; aliases: @champion" in capsys.readouterr().err
+    assert "has no alias 'nightly'; it has versions 1, 2 (aliases: champion → 1)" in \
+        capsys.readouterr().err
