@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmpipe.config import GenerateConfig
 
+EXAMPLE_TOKENS = 16  # the input example's max_new_tokens
+
 
 def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
     """Explicit: inference is slow (~10 s) and drops torch's +cpu label. `params` (cfg.flat()):
@@ -38,20 +40,21 @@ def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: 
                    generate: GenerateConfig) -> dict:
     """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
     `generate`: the run's generate section, the defaults of predict's params."""
-    import warnings
-
     import mlflow
+    import pandas as pd
 
     root = Path(__file__).resolve().parents[2]
     signature = model_signature(generate)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # explicit signature instead
-        warnings.filterwarnings("ignore", message=r".*input[ _]example")
+    # The version page's sample request, with a predict param: MLflow checks it by loading the
+    # model and predicting, and a short generation keeps that check well under a second.
+    example = (pd.DataFrame({"prompt": [generate.prompt]}), {"max_new_tokens": EXAMPLE_TOKENS})
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             # Models from code: the model is this file plus the code paths, nothing is pickled.
             name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
+            input_example=example,
             pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
             params={k: str(v) for k, v in params.items()}, await_registration_for=60)
     version = str(info.registered_model_version)
