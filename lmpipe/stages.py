@@ -263,7 +263,7 @@ def register(cfg: Config, train_info: dict | None = None, metrics: dict | None =
                                          registered_name(cfg, info["source"]), info["step"],
                                          params, cfg.generate)
         result |= versions.annotate(result["name"], result["version"], lineage, metrics,
-                                    cfg.tracking.promote)
+                                    cfg.tracking.promote, registry.sample_request(cfg.generate))
     _write_json(REGISTERED, result)
     return result
 

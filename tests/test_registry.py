@@ -98,6 +98,8 @@ def test_versions_carry_lineage_and_are_promoted_by_the_rule(trained, project):
     example = json.loads((model_dir / "serving_input_example.json").read_text())
     assert example["dataframe_split"]["data"] == [[cfg.generate.prompt]]
     assert example["params"] == {"max_new_tokens": 16}
+    assert json.dumps(example) in text  # ... and the description shows it, as a request body
+    assert f"mlflow models serve -m models:/{NAME}/1 --env-manager local" in text
 
     # The step-10 checkpoint is worse: it stays challenger, with the decision and both numbers.
     worse = register(cfg, at_step(info, 10))

@@ -111,9 +111,10 @@ def current_champion(client, name: str):
         return None
 
 
-def describe(lineage: dict[str, str], metrics: dict[str, float], decision: Decision) -> str:
-    """The version's description: markdown the version page renders (lineage, metrics, decision,
-    params)."""
+def describe(lineage: dict[str, str], metrics: dict[str, float], decision: Decision,
+             request: str, uri: str) -> str:
+    """The version's description: markdown the version page renders (decision, lineage, metrics,
+    a sample request to the version `uri` served, params)."""
     t = lineage
     dirty = "yes" if t["lmpipe.git.dirty"] == "true" else "no"
     rows = [("training run", f"`{t['lmpipe.run_id']}`"),
@@ -131,14 +132,22 @@ def describe(lineage: dict[str, str], metrics: dict[str, float], decision: Decis
     return "\n".join(
         [f"**Promotion:** {verdict} — {decision.reason}.", "", "**Lineage**", "",
          "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+         f"**Sample request** (`POST /invocations` of `mlflow models serve -m {uri} "
+         "--env-manager local`)", "", "```json", request, "```", "",
          "**Params**", "", "| param | value |", "|---|---|",
-         *(f"| {k} | `{v}` |" for k, v in params.items()), ""])
+         *(f"| {k} | {_code(v)} |" for k, v in params.items()), ""])
+
+
+def _code(value: Any) -> str:
+    """A param value as inline code; "" for the empty string (an empty code span shows nothing)."""
+    return f"`{value}`" if value != "" else '`""`'
+
 
 
 def annotate(name: str, version: str, lineage: dict[str, str], metrics: dict[str, float],
-             rule: str) -> dict:
-    """Tag and describe a new version, alias it challenger, and champion when the rule says so.
-    Returns its aliases and the decision."""
+             rule: str, request: str) -> dict:
+    """Tag and describe a new version (`request`: a sample request body), alias it challenger,
+    and champion when the rule says so. Returns its aliases and the decision."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -149,7 +158,8 @@ def annotate(name: str, version: str, lineage: dict[str, str], metrics: dict[str
             **decision.tags(rule)}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(name, version, describe(lineage, metrics, decision))
+    client.update_model_version(name, version, describe(lineage, metrics, decision, request,
+                                                        f"models:/{name}/{version}"))
     client.set_registered_model_alias(name, CHALLENGER, version)  # always the newest version
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
