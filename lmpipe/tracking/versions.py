@@ -86,7 +86,7 @@ def decide(rule: str, bpb: float, data: str, champion) -> Decision:
         return Decision(rule != "never", f"tracking.promote={rule}: no champion yet", bpb)
     tags, v = champion.tags, champion.version
     theirs = float(tags[BPB]) if BPB in tags else None
-    comparable = theirs is not None and tags.get(DATA) == data
+    comparable = theirs is not None and tags.get(DATA) == data != "unknown"
     if theirs is None:
         compare = f"champion v{v} has no recorded {BPB}"
     elif not comparable:
@@ -139,9 +139,8 @@ def describe(lineage: dict[str, str], metrics: dict[str, float], decision: Decis
 
 
 def _code(value: Any) -> str:
-    """A param value as inline code; "" for the empty string (an empty code span shows nothing)."""
+    """A param value as inline code; "" for the empty string (an empty span shows as ``)."""
     return f"`{value}`" if value != "" else '`""`'
-
 
 
 def annotate(name: str, version: str, lineage: dict[str, str], metrics: dict[str, float],
