@@ -36,7 +36,7 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
     trained = train_model(config, wait_for=[tokenizer])
     metrics = evaluate_model(config, trained)
     sample = generate_text(config, trained)
-    registered = register_model(config, trained)
+    registered = register_model(config, trained, metrics)
     return {"prepared": prepared, "tokenizer": tokenizer, "train": trained, "metrics": metrics,
             "sample": sample, "registered": registered}
 

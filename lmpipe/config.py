@@ -20,6 +20,7 @@ MODEL_TYPES = tuple(MODELS)  # the model registry decides which keys exist
 TOKENIZER_KINDS = ("auto", "char", "bpe", "gpt2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PROMOTE_RULES = ("auto", "never", "always")  # tracking.promote
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class TrackingConfig:
     register: bool = True
     model_name: str = ""  # "": lmpipe-{model}-{source}
     log_checkpoints: bool = True  # every checkpoint also becomes an MLflow logged model (a copy)
+    # a new version's alias champion: auto when its eval bits per byte beat the champion's on the
+    # same data; never; always
+    promote: str = "auto"
     # set by the A/B flow, not in params.yaml: the training run becomes a child of this run (its
     # mlflow.parentRunId tag), under this name ("": the usual name)
     parent_run_id: str = ""
@@ -269,6 +273,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "generate.device": _one_of(DEVICES),
     "generate.num_samples": POS_INT,
     "tracking.experiment": NONEMPTY,
+    "tracking.promote": _one_of(PROMOTE_RULES),
 }
 
 _TRUE = {"true", "1", "yes", "on"}

@@ -324,19 +324,35 @@ def registered_name(cfg: Config, source: str) -> str:
     return cfg.tracking.model_name or f"lmpipe-{cfg.model.type}-{source}"
 
 
-def register(cfg: Config, train_info: dict | None = None) -> dict:
-    """Register the final checkpoint as a pyfunc model version → outputs/registered.json."""
+def register(cfg: Config, train_info: dict | None = None, metrics: dict | None = None) -> dict:
+    """Register the final checkpoint as a pyfunc model version with its lineage, alias it
+    challenger, and champion as tracking.promote decides on `metrics` (the evaluate stage's; read
+    from outputs/metrics.json when not given) → outputs/registered.json."""
     from lmpipe import tracking
-    from lmpipe.tracking import registry, runs
+    from lmpipe.tracking import registry, runs, versions
 
     info = _train_info(train_info)
     if not cfg.tracking.register:
         result = {"registered": False}
     else:
+        metrics = _eval_metrics(metrics, info["step"])
         tracking.setup(cfg.tracking.experiment)  # a tracking server that is down: one line
         runs.flush_pending()
-        result = registry.register_model(info["run_id"], Path(info["checkpoint"]),
+        checkpoint, params = Path(info["checkpoint"]), cfg.flat()
+        lineage = versions.version_lineage(info["run_id"], checkpoint, info["step"], params)
+        result = registry.register_model(info["run_id"], checkpoint,
                                          registered_name(cfg, info["source"]), info["step"],
-                                         cfg.flat(), cfg.generate)
+                                         params, cfg.generate)
+        result |= versions.annotate(result["name"], result["version"], lineage, metrics,
+                                    cfg.tracking.promote, registry.sample_request(cfg.generate))
     _write_json(REGISTERED, result)
     return result
+
+
+def _eval_metrics(metrics: dict | None, step: int) -> dict[str, float]:
+    """The full evaluation's metrics of the checkpoint at `step` (promotion compares them)."""
+    metrics = dict(metrics or _read_json(METRICS, "evaluate"))
+    if metrics.get("step", step) != step or "bits_per_byte" not in metrics:
+        raise UserError(f"{METRICS} is not the evaluation of the step-{step} checkpoint being "
+                        "registered; run 'lmpipe stage evaluate' first")
+    return {k: float(v) for k, v in metrics.items() if k != "step" and isinstance(v, int | float)}

@@ -289,8 +289,8 @@ def test_a_registered_gpt2_version_generates_through_pyfunc(project, hub):
     stages.prepare(cfg)
     stages.build_tokenizer(cfg)
     info = stages.train(cfg)
-    reg = stages.register(cfg, info)
-    assert reg["uri"].startswith("models:/")
+    reg = stages.register(cfg, info, stages.evaluate(cfg, info))  # promotion needs the evaluation
+    assert reg["uri"].startswith("models:/") and reg["aliases"] == ["challenger", "champion"]
     model = mlflow.pyfunc.load_model(reg["uri"])
     out = model.predict(pd.DataFrame({"prompt": ["Dear Agnes,"]}), params={"max_new_tokens": 5})
     assert len(out) == 1 and out[0].startswith("Dear Agnes,") and len(out[0]) > len("Dear Agnes,")

@@ -129,6 +129,12 @@ def test_dvc_repro_in_a_fresh_git_repo_then_noop(tmp_path):
     tags = mlflow.get_run(info["run_id"]).data.tags
     assert tags["dvc.data.train.md5"] in lock and tags["dvc.tokenizer.md5"] in lock
     assert tags["lmpipe.entry"] == "dvc"
+    # ... and so does the registered version, with the commit it was made from.
+    version = mlflow.MlflowClient().get_model_version("lmpipe-gpt-corpus", "1")
+    for path in ("data/prepared/val.txt", "data/tokenizer/tokenizer.json"):
+        md5 = version.tags[f"lmpipe.dvc.{path}.md5"]
+        assert md5 == file_md5(repo / path) and md5 in lock and md5 in version.description
+    assert version.tags["lmpipe.git.commit"] == sh("git", "rev-parse", "HEAD").strip()
 
     # A changed param re-runs training from scratch (no silent resume of old checkpoints).
     params = yaml.safe_load((repo / "params.yaml").read_text())

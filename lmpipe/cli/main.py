@@ -314,13 +314,25 @@ def summary(r: dict) -> str:
              f"  MLflow run:       {t['run_id']} (experiment {t['experiment_id']}, store "
              f"{tracking.tracking_uri()})",
              f"  open the UI:      {tracking.ui_hint()}",
-             f"  registered model: {reg['uri']}" if reg.get("uri")
-             else "  registered model: (registration off)",
+             *_registered_lines(reg),
              "  metrics:          " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss",
                                                                                        "perplexity",
                                                                                        "bits_per_byte")),
              "  sample:", "", r["sample"]["text"], "=" * 72]
     return "\n".join(lines)
+
+
+def _registered_lines(reg: dict) -> list[str]:
+    """The registered version, its aliases, and why it was (not) promoted to champion."""
+    if not reg.get("uri"):
+        return ["  registered model: (registration off)"]
+    aliases = reg.get("aliases", [])
+    lines = [f"  registered model: {reg['uri']}"]
+    if aliases:
+        lines[0] += f", alias {' + '.join(aliases)} (models:/{reg['name']}@{aliases[-1]})"
+    if reg.get("decision"):
+        lines.append(f"  promotion:        {reg['decision']}")
+    return lines
 
 
 def cmd_generate(args) -> int:

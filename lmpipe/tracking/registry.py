@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmpipe.config import GenerateConfig
 
+EXAMPLE_TOKENS = 16  # the input example's max_new_tokens
+
 
 def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
     """Explicit: inference is slow (~10 s) and drops torch's +cpu label. `params` (cfg.flat()):
@@ -34,24 +36,39 @@ def model_signature(generate: GenerateConfig):
         params=ParamSchema([ParamSpec(k, kind[k], v) for k, v in generate.sampling().items()]))
 
 
+def input_example(generate: GenerateConfig) -> tuple:
+    """A version's sample request: the configured prompt, and a predict param. MLflow checks the
+    example by loading the model and predicting: a short generation keeps that well under a
+    second (the default 300 tokens took ~7 s on CPU)."""
+    import pandas as pd
+
+    return pd.DataFrame({"prompt": [generate.prompt]}), {"max_new_tokens": EXAMPLE_TOKENS}
+
+
+def sample_request(generate: GenerateConfig) -> str:
+    """input_example as the JSON body of a POST /invocations, on one line."""
+    import json
+
+    from mlflow.models import convert_input_example_to_serving_input
+
+    return json.dumps(json.loads(convert_input_example_to_serving_input(input_example(generate))))
+
+
 def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
                    generate: GenerateConfig) -> dict:
     """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
     `generate`: the run's generate section, the defaults of predict's params."""
-    import warnings
-
     import mlflow
 
     root = Path(__file__).resolve().parents[2]
     signature = model_signature(generate)
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # explicit signature instead
-        warnings.filterwarnings("ignore", message=r".*input[ _]example")
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             # Models from code: the model is this file plus the code paths, nothing is pickled.
             name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
+            input_example=input_example(generate),
             pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
             params={k: str(v) for k, v in params.items()}, await_registration_for=60)
     version = str(info.registered_model_version)
