@@ -14,10 +14,11 @@ def loss_curve(log, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for col, style in (("train_loss", "-"), ("val_loss", "o-")):
+    for col, style, label in (("train_loss", "-", "train loss"),
+                              ("val_loss", "o-", "val loss, estimate (MLflow val_loss_est)")):
         if col in log:
             d = log[["step", col]].dropna()
-            ax.plot(d["step"], d[col], style, label=col.replace("_", " "), markersize=3)
+            ax.plot(d["step"], d[col], style, label=label, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
