@@ -6,8 +6,9 @@ from pathlib import Path
 from lmpipe.common.fileio import atomic_open
 
 
-def loss_curve(log, path: str | Path) -> Path:
-    """log: a DataFrame with step and train_loss / val_loss columns."""
+def loss_curve(log, path: str | Path, title: str = "") -> Path:
+    """log: a DataFrame with step and train_loss / val_loss columns. `title`: the run's name, which
+    tells the plots apart side by side in the UI's compare page."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,6 +22,7 @@ def loss_curve(log, path: str | Path) -> Path:
             ax.plot(d["step"], d[col], style, label=label, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -169,7 +169,7 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             saver.wait()
             tracker.flush()
         final = saver.final(state.step)
-        runs.log_training_artifacts(write_training_log(state))
+        runs.log_training_artifacts(write_training_log(state, run.info.run_name))
     return {
         "run_id": tracker.run_id, "experiment_id": experiment_id, "checkpoint": str(final),
         "checkpoints": [str(p) for p in saver.saved], "checkpoint_dir": str(saver.dir),
@@ -223,10 +223,10 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
                               "lmpipe.source": meta["source"]})
 
 
-def write_training_log(state: TrainState) -> list[tuple[Path, str]]:
-    """The training log (CSV, DVC plots) and loss-curve PNG; returns them with the tokenizer and
-    stats table, each with its artifact folder. The PNG goes to the run's root: the UI's compare
-    page shows only the files at the root that the runs have in common."""
+def write_training_log(state: TrainState, title: str = "") -> list[tuple[Path, str | None]]:
+    """The training log (CSV, DVC plots) and loss-curve PNG titled `title` (the run name); returns
+    them with the tokenizer and stats table, each with its artifact folder. The PNG goes to the
+    run's root: the UI's compare page shows only the files at the root that the runs share."""
     import pandas as pd
 
     from lmpipe.common.fileio import atomic_write_text
@@ -235,6 +235,6 @@ def write_training_log(state: TrainState) -> list[tuple[Path, str]]:
 
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
     atomic_write_text(TRAIN_LOG, log.to_csv(index=False))
-    loss_curve(log, LOSS_PLOT)
+    loss_curve(log, LOSS_PLOT, title)
     return [(TRAIN_LOG, "training"), (LOSS_PLOT, None),
             (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")]
