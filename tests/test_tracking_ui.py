@@ -110,3 +110,13 @@ def test_two_validation_losses_have_two_names_and_models_rank_by_the_evaluation(
     saved = json.loads(Path("outputs/metrics.json").read_text())
     assert set(saved) == {"val_loss", "perplexity", "bits_per_byte", "tokens", "step"}
     assert saved["step"] == 20 and saved["val_loss"] == pytest.approx(result["val_loss"])
+
+
+def test_the_run_summary_says_which_loss_it_prints_and_where_the_runs_are(trained):
+    from lmpipe.cli.main import summary
+
+    _, info, result = trained
+    text = summary({"train": info, "registered": {}, "metrics": result, "sample": {"text": "x"}})
+    assert f"#/experiments/{info['experiment_id']}/runs?workflowType=machine_learning" in text
+    assert (f"  evaluation:       {int(result['tokens'])} val tokens, final checkpoint: "
+            f"val_loss {result['val_loss']:.4f}, ") in text
