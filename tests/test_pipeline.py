@@ -60,6 +60,9 @@ def test_flow_end_to_end(project, prefect_harness):
                                          filter_string="name LIKE 'checkpoint-step%'")
     assert sorted(m.name for m in models) == ["checkpoint-step10", "checkpoint-step20"]
     assert all(m.params["train.steps"] == "20" for m in models)
+    outputs = {o.model_id: o.step for o in client.get_run(t["run_id"]).outputs.model_outputs}
+    assert sorted((outputs[m.model_id], m.name) for m in models) == [(10, "checkpoint-step10"),
+                                                                    (20, "checkpoint-step20")]
     assert {m.name: [x.step for x in m.metrics if x.key == "eval_val_loss"] for m
             in models} == {"checkpoint-step10": [10], "checkpoint-step20": [20]}
 

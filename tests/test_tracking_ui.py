@@ -48,7 +48,9 @@ def test_run_names_show_the_settings_that_differ_from_params_yaml_and_differ(pro
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny pipeline run through the evaluate stage (20 steps, checkpoints at 10 and 20) in a
-    project of its own (conftest's `project`, once for this module: a new store costs seconds)."""
+    project of its own (conftest's `project`, once for this module: a new store costs seconds).
+    Saves are synchronous: checkpoints are logged inside the active run (test_pipeline's flow
+    covers the asynchronous saves, logged on the writer's thread)."""
     root = tmp_path_factory.mktemp("ui")
     (root / "data").mkdir()
     (root / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
@@ -59,7 +61,7 @@ def trained(tmp_path_factory):
             mp.delenv(var, raising=False)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
         mp.chdir(root)
-        cfg = load_config()
+        cfg = load_config(overrides=["checkpoint.async=false"])
         stages.prepare(cfg)
         stages.build_tokenizer(cfg)
         info = stages.train(cfg)

@@ -38,8 +38,8 @@ def model_signature(generate: GenerateConfig):
 def log_pyfunc_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
                      generate: GenerateConfig, tags: dict[str, str] | None = None, **extra):
     """Log a checkpoint as a pyfunc model (prompts in, text out) and an output of run `run_id` at
-    `step`; `extra`: more pyfunc.log_model arguments. Returns its ModelInfo. Needs no active run,
-    so it also works on the checkpoint writer's thread."""
+    `step`; `extra`: more pyfunc.log_model arguments. Returns its ModelInfo. The active run, if
+    any, must be `run_id`; on the checkpoint writer's thread there is none."""
     import warnings
 
     import mlflow
@@ -49,7 +49,8 @@ def log_pyfunc_model(run_id: str, checkpoint: Path, name: str, step: int, params
     model = client.create_logged_model(
         experiment_id=client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
         params={k: str(v) for k, v in params.items()}, tags=tags, model_type="lmpipe-checkpoint")
-    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    if mlflow.active_run() is None:  # else pyfunc.log_model makes it the active run's output
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
     root = Path(__file__).resolve().parents[2]
     with warnings.catch_warnings():
         # explicit signature instead
@@ -60,7 +61,7 @@ def log_pyfunc_model(run_id: str, checkpoint: Path, name: str, step: int, params
             artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(root / "lmpipe"), str(root / "models")],
             signature=model_signature(generate), pip_requirements=pip_requirements(params),
-            **extra)
+            step=step, **extra)
 
 
 def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
