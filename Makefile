@@ -49,8 +49,13 @@ bench: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# The MLflow UI on the local store, opened on the runs of params.yaml's experiment (marked as model
+# training, so MLflow 3 shows its runs rather than the GenAI overview).
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port 5000
+	@MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db $(BIN)/python -c 'from lmpipe import \
+	tracking; from lmpipe.config import load_config; \
+	print("runs:", tracking.runs_url(tracking.setup(load_config().tracking.experiment)))'
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
 # A Prefect server on 127.0.0.1:$(SERVE_PORT), the lmpipe-local pool, prefect.yaml's deployments
 # and one worker; it prints the UI address and a `prefect deployment run` line. Ctrl-C stops all.

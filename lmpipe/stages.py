@@ -270,27 +270,51 @@ def sample(cfg: Config, checkpoint: str = "latest", prompt: str | None = None,
 # --- evaluate ------------------------------------------------------------------------------------
 
 def evaluate(cfg: Config, train_info: dict | None = None) -> dict:
-    """Val loss, perplexity and bits per byte of the final checkpoint → outputs/metrics.json +
-    MLflow."""
-    import torch
+    """Val loss, perplexity and bits per byte of every checkpoint of the training run (each on the
+    same val tokens, evaluate.max_batches bounding them) → MLflow eval_* on the run and on each
+    checkpoint's logged model at its step; the final checkpoint's → outputs/metrics.json.
 
+    Returns the final checkpoint's metrics and "checkpoints": one row per checkpoint, by step
+    ({"step", "checkpoint", "val_loss", "perplexity", "bits_per_byte"}).
+    """
     from lmpipe import tracking
-    from lmpipe.ckpt.rebuild import load_for_inference
     from lmpipe.common.device import pick_device
-    from lmpipe.evaluation import evaluate as eval_model
     from lmpipe.tracking import runs
 
     info = _train_info(train_info)
     device = pick_device(cfg.train.device)
-    ckpt, model, tok = load_for_inference(info["checkpoint"], device)
     val_text = Path(data.load_meta()["val"]).read_text(encoding="utf-8")
-    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
-    metrics = eval_model(model, val_ids, len(val_text.encode()), ckpt["block_size"],
-                         cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
-    _write_json(METRICS, {**metrics, "step": ckpt["step"]})
     tracking.connect()  # not setup: a tracking server that is down gets the metrics later
-    runs.log_eval_metrics(info["run_id"], ckpt["step"], metrics, info.get("final_model_id"))
-    return metrics
+    model_ids = {**(info.get("model_ids") or {}), str(info["step"]): info.get("final_model_id")}
+    rows, final = [], {}
+    for path in _run_checkpoints(info):
+        step, metrics = _evaluate_checkpoint(path, val_text, cfg, device)
+        runs.log_eval_metrics(info["run_id"], step, metrics, model_ids.get(str(step)))
+        rows.append({"step": step, "checkpoint": str(path),
+                     **{k: metrics[k] for k in ("val_loss", "perplexity", "bits_per_byte")}})
+        final = {**metrics, "step": step} if str(path) == info["checkpoint"] else final
+    _write_json(METRICS, final)
+    return {**{k: v for k, v in final.items() if k != "step"}, "checkpoints": rows}
+
+
+def _run_checkpoints(info: dict) -> list[Path]:
+    """The run's checkpoints still on disk (retention may have removed some), the final one last."""
+    final = Path(info["checkpoint"])
+    earlier = [p for p in map(Path, info.get("checkpoints", [])) if p != final and p.exists()]
+    return earlier + [final]
+
+
+def _evaluate_checkpoint(path: Path, val_text: str, cfg: Config, device: str) -> tuple[int, dict]:
+    """(step, metrics) of one checkpoint on the val text, in its own tokenizer's tokens."""
+    import torch
+
+    from lmpipe.ckpt.rebuild import load_for_inference
+    from lmpipe.evaluation import evaluate as eval_model
+
+    ckpt, model, tok = load_for_inference(path, device)
+    val_ids = torch.tensor(tok.encode(val_text), dtype=torch.long)
+    return ckpt["step"], eval_model(model, val_ids, len(val_text.encode()), ckpt["block_size"],
+                                    cfg.evaluate.batch_size, cfg.evaluate.max_batches, device)
 
 
 # --- generate ------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ def test_flow_end_to_end(project, prefect_harness):
     client = mlflow.MlflowClient()
     for key in ("train_loss", "lr", "tokens_per_sec"):
         assert [m.step for m in client.get_metric_history(t["run_id"], key)] == [5, 10, 15, 20]
-    assert [m.step for m in client.get_metric_history(t["run_id"], "val_loss")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(t["run_id"], "val_loss_est")] == [10, 20]
     assert {"eval_val_loss", "eval_perplexity", "eval_bits_per_byte"} <= set(run_.data.metrics)
-    arts = {a.path for d in ("training", "tokenizer", "data",
+    arts = {a.path for d in ("", "training", "tokenizer", "data",
                              "samples") for a in client.list_artifacts(t["run_id"], d)}
-    assert {"training/loss.png", "training/train_log.csv", "tokenizer/tokenizer.json",
+    assert {"loss.png", "training/train_log.csv", "tokenizer/tokenizer.json",
             "data/stats.csv"} <= arts
     assert any(a.startswith("samples/") for a in arts)
     tags = run_.data.tags
@@ -54,13 +54,17 @@ def test_flow_end_to_end(project, prefect_harness):
     assert tags["dvc.tokenizer.md5"] == file_md5(project / "data/tokenizer/tokenizer.json")
     assert tags["lmpipe.entry"] == "prefect" and "lmpipe.git_commit" in tags
 
-    # Every checkpoint is a logged model at its step, with hyperparameters, rankable by val_loss.
+    # Every checkpoint is a logged model at its step, with hyperparameters, rankable by the
+    # evaluate stage's eval_val_loss.
     models = mlflow.search_logged_models(experiment_ids=[t["experiment_id"]], output_format="list",
                                          filter_string="name LIKE 'checkpoint-step%'")
     assert sorted(m.name for m in models) == ["checkpoint-step10", "checkpoint-step20"]
     assert all(m.params["train.steps"] == "20" for m in models)
-    assert {m.name: [x.step for x in m.metrics if x.key == "val_loss"] for m
-            in models}["checkpoint-step20"] == [20]
+    outputs = {o.model_id: o.step for o in client.get_run(t["run_id"]).outputs.model_outputs}
+    assert sorted((outputs[m.model_id], m.name) for m in models) == [(10, "checkpoint-step10"),
+                                                                    (20, "checkpoint-step20")]
+    assert {m.name: [x.step for x in m.metrics if x.key == "eval_val_loss"] for m
+            in models} == {"checkpoint-step10": [10], "checkpoint-step20": [20]}
 
     # The registered version loads back through pyfunc and generates text with predict params.
     reg = result["registered"]

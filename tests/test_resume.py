@@ -168,10 +168,11 @@ def test_val_step_travels_with_the_training_state_and_older_states_load():
     assert TrainState.from_dict(state.to_dict()).last_val_step == 20
     older = {k: v for k, v in state.to_dict().items() if k != "last_val_step"}
     assert TrainState.from_dict(older).last_val_step is None
-    # MLflow's logged model for a checkpoint gets a val_loss only when it is that step's own
+    # MLflow's logged model for a checkpoint gets the training estimate (val_loss_est) only when
+    # it is that step's own
     assert logged_metrics({"step": 25, "metrics": state.metrics()}) == {}
-    assert logged_metrics({"step": 20, "metrics": state.metrics()}) == {"val_loss": 1.0}
-    assert logged_metrics({"step": 25, "metrics": {"val_loss": 1.0}}) == {"val_loss": 1.0}  # older
+    assert logged_metrics({"step": 20, "metrics": state.metrics()}) == {"val_loss_est": 1.0}
+    assert logged_metrics({"step": 25, "metrics": {"val_loss": 1.0}}) == {"val_loss_est": 1.0}
     assert logged_metrics({"step": 5, "metrics": {"val_loss": None, "val_step": None}}) == {}
 
 

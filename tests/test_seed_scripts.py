@@ -63,7 +63,7 @@ def test_seed_workflow_train_generate_resume(project, prefect_harness):
     assert resumed["run_id"] == first["run_id"]  # the same MLflow run continues
     assert resumed["train_state"]["schedule"]["peak"] == pytest.approx(0.002)
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
-    val = mlflow.MlflowClient().get_metric_history(first["run_id"], "val_loss")
+    val = mlflow.MlflowClient().get_metric_history(first["run_id"], "val_loss_est")
     assert max(m.step for m in val) == 25
 
     (project / "new_letters.md").write_text("Dear Agnes, my kettle sings. " * 40

@@ -313,11 +313,12 @@ def summary(r: dict) -> str:
              f"{Path(t['checkpoint']).name})",
              f"  MLflow run:       {t['run_id']} (experiment {t['experiment_id']}, store "
              f"{tracking.tracking_uri()})",
-             f"  open the UI:      {tracking.ui_hint()}",
+             f"  open the UI:      {tracking.ui_hint(t['experiment_id'])}",
              *_registered_lines(reg),
-             "  metrics:          " + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss",
-                                                                                       "perplexity",
-                                                                                       "bits_per_byte")),
+             # The evaluate stage's numbers (MLflow eval_*), not training's val_loss_est.
+             f"  evaluation:       {int(r['metrics']['tokens'])} val tokens, final checkpoint: "
+             + ", ".join(f"{k} {r['metrics'][k]:.4f}" for k in ("val_loss", "perplexity",
+                                                                 "bits_per_byte")),
              "  sample:", "", r["sample"]["text"], "=" * 72]
     return "\n".join(lines)
 

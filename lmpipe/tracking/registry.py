@@ -1,4 +1,5 @@
-"""The model registry: a checkpoint as a served pyfunc model version, its signature and pins."""
+"""A checkpoint as a pyfunc model (every logged checkpoint, and the registered model version): its
+signature, pins, and registration."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -54,23 +55,42 @@ def sample_request(generate: GenerateConfig) -> str:
     return json.dumps(json.loads(convert_input_example_to_serving_input(input_example(generate))))
 
 
+def log_pyfunc_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
+                     generate: GenerateConfig, tags: dict[str, str] | None = None, **extra):
+    """Log a checkpoint as a pyfunc model (prompts in, text out) and an output of run `run_id` at
+    `step`; `extra`: more pyfunc.log_model arguments. Returns its ModelInfo. The active run, if
+    any, must be `run_id`; on the checkpoint writer's thread there is none."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import LoggedModelOutput
+
+    client = mlflow.MlflowClient()
+    model = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id,
+        params={k: str(v) for k, v in params.items()}, tags=tags, model_type="lmpipe-checkpoint")
+    if mlflow.active_run() is None:  # else pyfunc.log_model makes it the active run's output
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    root = Path(__file__).resolve().parents[2]
+    with warnings.catch_warnings():
+        # explicit signature instead
+        warnings.filterwarnings("ignore", message=r".*input[ _]example")
+        return mlflow.pyfunc.log_model(
+            # Models from code: the model is this file plus the code paths, nothing is pickled.
+            model_id=model.model_id, python_model=str(root / "lmpipe" / "serving_model.py"),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(root / "lmpipe"), str(root / "models")],
+            signature=model_signature(generate), pip_requirements=pip_requirements(params),
+            step=step, **extra)
+
+
 def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
                    generate: GenerateConfig) -> dict:
     """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
     `generate`: the run's generate section, the defaults of predict's params."""
-    import mlflow
-
-    root = Path(__file__).resolve().parents[2]
-    signature = model_signature(generate)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            # Models from code: the model is this file plus the code paths, nothing is pickled.
-            name="model", python_model=str(root / "lmpipe" / "serving_model.py"),
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(root / "lmpipe"), str(root / "models")], signature=signature,
-            input_example=input_example(generate),
-            pip_requirements=pip_requirements(params), registered_model_name=name, step=step,
-            params={k: str(v) for k, v in params.items()}, await_registration_for=60)
+    info = log_pyfunc_model(run_id, checkpoint, "model", step, params, generate,
+                            input_example=input_example(generate),
+                            registered_model_name=name, await_registration_for=60)
     version = str(info.registered_model_version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
             "model_id": info.model_id}

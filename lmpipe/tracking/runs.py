@@ -1,8 +1,14 @@
 """Training runs in MLflow: the run, its params and tags, step metrics, each checkpoint as a logged
-model at its step, the evaluate and generate stages' results, and `lmpipe compare`'s run."""
+model at its step, the evaluate and generate stages' results, and `lmpipe compare`'s run.
+
+Two validation losses, two names: val_loss_est is the training loop's estimate (train.eval_batches
+random batches, every train.eval_interval steps); eval_val_loss (with eval_perplexity and
+eval_bits_per_byte) is the evaluate stage's, on the val split in order, logged for every checkpoint
+on its logged model: the one to rank checkpoints and compare runs by."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +16,7 @@ from lmpipe.tracking import buffer, setup, tracking_uri, writes
 from lmpipe.tracking.lineage import lineage_tags
 
 if TYPE_CHECKING:
-    from lmpipe.config import Config
+    from lmpipe.config import Config, GenerateConfig
 
 
 def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = None):
@@ -89,8 +95,9 @@ def tag_run(inputs: dict[str, str | Path], tags: dict[str, str]) -> None:
     mlflow.set_tags({**lineage_tags(inputs), **tags})
 
 
-def log_training_artifacts(files: list[tuple[str | Path, str]]) -> None:
-    """(file, artifact folder) pairs into the active run; a file that is not there is left out."""
+def log_training_artifacts(files: list[tuple[str | Path, str | None]]) -> None:
+    """(file, artifact folder or None: the root) pairs into the active run; a file that is not there
+    is left out."""
     import mlflow
 
     files = [(Path(path), where) for path, where in files if Path(path).exists()]
@@ -100,8 +107,8 @@ def log_training_artifacts(files: list[tuple[str | Path, str]]) -> None:
 
 def log_eval_metrics(run_id: str, step: int, metrics: dict[str, float],
                      model_id: str | None) -> None:
-    """The evaluate stage's metrics, as eval_*, on the training run and the final checkpoint's
-    logged model (when there is one)."""
+    """The evaluate stage's metrics of the checkpoint at `step`, as eval_*, on the training run and
+    that checkpoint's logged model (when there is one)."""
     flush_pending()
     buffer.submit("metrics", tracking_uri(), run_id, senders(), model=model_id,
                   rows=writes.metric_rows({f"eval_{k}": v for k, v in metrics.items()}, step))
@@ -146,6 +153,7 @@ class TrainingTracker:
         self.params = {k: v for k, v in cfg.flat().items() if k not in NOT_PARAMS}
         self.log_checkpoints = cfg.tracking.log_checkpoints
         place_run(self.run_id, cfg.tracking.parent_run_id, cfg.tracking.run_name)
+        self.generate = cfg.generate  # the defaults of each checkpoint model's predict params
         self.metrics = MetricLog(self.run_id)
         self.model_ids: dict[int, str] = {}  # step → the logged model of its checkpoint
         flush_pending()  # what earlier runs left in the tracking buffer
@@ -154,9 +162,9 @@ class TrainingTracker:
         self.metrics.log(step, metrics)
 
     def log_eval(self, step: int, metrics: dict[str, float], at_checkpoint: bool) -> None:
-        # At a checkpoint, log_checkpoint logs val_loss linked to the checkpoint's logged model.
+        # At a checkpoint, log_checkpoint logs it linked to the checkpoint's logged model.
         if not (self.log_checkpoints and at_checkpoint):
-            self.metrics.log(step, metrics)
+            self.metrics.log(step, {ESTIMATE: metrics["val_loss"]})
 
     def flush(self) -> None:
         self.metrics.flush()
@@ -169,42 +177,43 @@ class TrainingTracker:
             sent, model_id = buffer.submit(  # log_checkpoint, through the tracking buffer
                 "checkpoint", self.metrics.uri, self.run_id, senders(), files=[path],
                 experiment_id=self.experiment_id, step=step, name=f"checkpoint-step{step}",
-                params=self.params, rows=writes.metric_rows(logged_metrics(entry), step))
+                params=self.params, generate=asdict(self.generate),
+                rows=writes.metric_rows(logged_metrics(entry), step))
             if sent:
                 self.model_ids[step] = model_id
 
 
+ESTIMATE = "val_loss_est"  # the training loop's val_loss (the checkpoint payload's name for it)
+
+
 def logged_metrics(entry: dict) -> dict[str, float]:
-    """The metrics a checkpoint's MLflow logged model gets: its val_loss, unless that was measured
-    at an earlier step (a save on a signal): MLflow ranks logged models by it as their own."""
+    """The metrics a checkpoint's MLflow logged model gets from training: its val_loss_est, unless
+    that was measured at an earlier step (a save on a signal), so it is never another step's."""
     from lmpipe.ckpt.payload import current_val_loss
 
     val = current_val_loss(entry["metrics"], entry["step"])
-    return {} if val is None else {"val_loss": val}
+    return {} if val is None else {ESTIMATE: val}
 
 
-def log_checkpoint(run_id: str, experiment_id: str, path: Path, step: int, params: dict[str, Any],
-                   metrics: dict[str, float]) -> str:
-    """A checkpoint as an MLflow 3 logged model at its step: the file, its hyperparameters and
-    metrics.
+def log_checkpoint(run_id: str, path: Path, step: int, params: dict[str, Any],
+                   generate: GenerateConfig, metrics: dict[str, float]) -> str:
+    """A checkpoint as an MLflow 3 logged model, an output of its run at its step: a pyfunc model
+    over the file (loadable as models:/<model_id>, registrable), with its hyperparameters and
+    metrics. Returns the model id.
 
-    They appear in the run's Models tab and rank with
-    mlflow.search_logged_models(order_by=val_loss).
+    The evaluate stage adds its eval_* metrics, by which the UI's Models tab and
+    mlflow.search_logged_models(order_by=...) rank the checkpoints.
     """
     import mlflow
-    from mlflow import MlflowClient
 
-    client = MlflowClient()
-    model = client.create_logged_model(
-        experiment_id=experiment_id, name=f"checkpoint-step{step}", source_run_id=run_id,
-        params={k: str(v) for k, v in params.items()}, model_type="lmpipe-checkpoint",
-        tags={"lmpipe.step": str(step), "lmpipe.checkpoint": path.name})
-    client.log_model_artifact(model.model_id, str(path))
+    from lmpipe.tracking.registry import log_pyfunc_model
+
+    info = log_pyfunc_model(run_id, path, f"checkpoint-step{step}", step, params, generate,
+                            tags={"lmpipe.step": str(step), "lmpipe.checkpoint": path.name})
     if metrics:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=run_id,
-                           model_id=model.model_id)
-    client.finalize_logged_model(model.model_id, "READY")
-    return model.model_id
+                           model_id=info.model_id)
+    return info.model_id
 
 
 def senders() -> dict[str, buffer.Sender]:

@@ -58,9 +58,11 @@ def send_checkpoint(op: dict, files: list[Path], log_checkpoint: Callable[..., s
     has it READY already, then its metrics, linked to it."""
     model_id = ready_checkpoint_model(op["uri"], op["experiment_id"], op["run_id"], op["name"])
     if model_id is None:
+        from lmpipe.config import GenerateConfig
+
         _use(op["uri"])
-        model_id = log_checkpoint(op["run_id"], op["experiment_id"], files[0], op["step"],
-                                  op["params"], {})
+        model_id = log_checkpoint(op["run_id"], files[0], op["step"], op["params"],
+                                  GenerateConfig(**op["generate"]), {})
     if op["rows"]:
         send_metrics({**op, "model": model_id}, files)
     return model_id

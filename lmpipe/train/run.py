@@ -151,9 +151,8 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
     s = set_up(cfg, resume)
     cfg, meta = s.cfg, s.meta
     experiment_id = tracking.setup(cfg.tracking.experiment)
-    slug = variant_slug(cfg.model.variant)
-    run_name = f"{cfg.model.type}-{meta['source']}" + (f"-{slug}" if slug else "")
-    with runs.ended(runs.training_run(experiment_id, run_name, s.parent_run_id)) as run, \
+    name = run_name(cfg, meta["source"])
+    with runs.ended(runs.training_run(experiment_id, name, s.parent_run_id)) as run, \
             GracefulStop() as stop:
         tracker = runs.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
@@ -171,14 +170,43 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             saver.wait()
             tracker.flush()
         final = saver.final(state.step)
-        runs.log_training_artifacts(write_training_log(state))
+        runs.log_training_artifacts(write_training_log(state, run.info.run_name))
     return {
         "run_id": tracker.run_id, "experiment_id": experiment_id, "checkpoint": str(final),
         "checkpoints": [str(p) for p in saver.saved], "checkpoint_dir": str(saver.dir),
         "step": state.step, "source": meta["source"], "model_type": cfg.model.type,
         "final_val_loss": state.last_val_loss, "final_model_id": tracker.model_ids.get(state.step),
+        "model_ids": {str(step): m for step, m in tracker.model_ids.items()},  # JSON: str keys
         "n_params": s.n_params,
     }
+
+
+def run_name(cfg: Config, source: str) -> str:
+    """A short name that tells runs apart in the UI's lists, legends and compare headers: model and
+    data, the settings that differ from params.yaml (-S, environment), and a random suffix (runs
+    with equal settings differ too). E.g. 'gpt-dear_agnes lr=0.003 steps=400 ·3f2a'."""
+    import secrets
+
+    slug = variant_slug(cfg.model.variant)
+    changed = [f"{key.rsplit('.', 1)[1]}={value}" for key, value in changed_settings(cfg).items()]
+    shown = changed[:3] + ([f"+{len(changed) - 3}"] if len(changed) > 3 else [])
+    return " ".join([f"{cfg.model.type}-{source}" + (f"-{slug}" if slug else ""), *shown,
+                     f"·{secrets.token_hex(2)}"])
+
+
+def changed_settings(cfg: Config) -> dict[str, object]:
+    """The model-shaping settings (data, tokenizer, model, train) whose values differ from
+    params.yaml's own; none when there is no valid params.yaml to compare with."""
+    from lmpipe.common.errors import UserError
+    from lmpipe.config import PARAMS_FILE, load_config
+
+    try:
+        base = load_config(PARAMS_FILE, env={}).flat() if Path(PARAMS_FILE).is_file() else {}
+    except UserError:
+        base = {}
+    ignored = ("train.device", "train.resume", "data.source", "model.type")  # in the name already
+    return {k: v for k, v in cfg.flat().items() if k in base and base[k] != v
+            and k.split(".")[0] in ("data", "tokenizer", "model", "train") and k not in ignored}
 
 
 def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
@@ -196,9 +224,10 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
                               "lmpipe.source": meta["source"]})
 
 
-def write_training_log(state: TrainState) -> list[tuple[Path, str]]:
-    """The training log (CSV, DVC plots) and loss-curve PNG; returns them with the tokenizer and
-    stats table, each with its artifact folder."""
+def write_training_log(state: TrainState, title: str = "") -> list[tuple[Path, str | None]]:
+    """The training log (CSV, DVC plots) and loss-curve PNG titled `title` (the run name); returns
+    them with the tokenizer and stats table, each with its artifact folder. The PNG goes to the
+    run's root: the UI's compare page shows only the files at the root that the runs share."""
     import pandas as pd
 
     from lmpipe.common.fileio import atomic_write_text
@@ -207,6 +236,6 @@ def write_training_log(state: TrainState) -> list[tuple[Path, str]]:
 
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
     atomic_write_text(TRAIN_LOG, log.to_csv(index=False))
-    loss_curve(log, LOSS_PLOT)
-    return [(TRAIN_LOG, "training"), (LOSS_PLOT, "training"),
+    loss_curve(log, LOSS_PLOT, title)
+    return [(TRAIN_LOG, "training"), (LOSS_PLOT, None),
             (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")]
