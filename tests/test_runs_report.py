@@ -48,7 +48,7 @@ def test_two_runs_side_by_side(project, capsys):
     # metrics: the last value of each, as MLflow holds it
     history = mlflow.MlflowClient().get_metric_history(first["run_id"], "train_loss")
     assert df.loc[a, "train_loss"] == pytest.approx(max(history, key=lambda m: m.step).value)
-    assert df[["train_loss", "val_loss"]].notna().all().all()
+    assert df[["train_loss", "val_loss_est"]].notna().all().all()
     # the registry: the first run's version and its alias; the second run registered none
     assert df.loc[a, "version"] == f"{first['name']}/{first['version']}"
     assert df.loc[a, "aliases"] == "champion"
