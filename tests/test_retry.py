@@ -141,6 +141,7 @@ def test_killed_training_is_retried_and_resumes_the_same_run_bit_exact(project, 
     final = load_checkpoint(run["checkpoint"])
     assert run["run_id"] == killer.run_id == final["run_id"] and run["step"] == final["step"] == 40
     tags = mlflow.get_run(run["run_id"]).data.tags
+    assert mlflow.get_run(run["run_id"]).info.status == "FINISHED"
     assert tags[f"lmpipe.resume.step{killer.newest}"].startswith("run/")
     # ... to the same weights and optimizer state as the uninterrupted run, step by step
     expected = load_checkpoint(ref["checkpoint"])

@@ -27,6 +27,7 @@ from lmpipe.ckpt.locate import latest_of_run
 from lmpipe.common.errors import UserError
 from lmpipe.common.fileio import atomic_write_text
 from lmpipe.common.paths import LOSS_PLOT, OUTPUTS, TRAIN_INFO, TRAIN_LOG
+from lmpipe.tracking import runs
 
 ATTEMPTS = OUTPUTS / "attempts"  # one directory per task run; removed when its training succeeds
 REQUEST, RUN, ERROR = "request.json", "run.json", "error.json"
@@ -61,7 +62,10 @@ def train(config: dict, directory: Path, entry: str = "prefect") -> dict:
     child = subprocess.Popen(command(directory), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     code = wait(child)
     if code != 0:
-        raise failure(code, directory)
+        error = failure(code, directory)
+        if isinstance(error, TrainingCrashed) and recorded_run_id(directory):
+            _mark_failed(recorded_run_id(directory))
+        raise error
     info = json.loads((directory / TRAIN_INFO.name).read_text())
     publish(directory)
     shutil.rmtree(directory, ignore_errors=True)
@@ -90,6 +94,15 @@ def ready_store(experiment: str) -> None:
 
     with _STORE:  # concurrent trainings of one flow run in threads of this process
         tracking.setup(experiment)
+
+
+def _mark_failed(run_id: str) -> None:
+    """The killed attempt's MLflow run as FAILED until a retry continues it; a tracking server
+    that is down too must not turn the crash (retried) into another error."""
+    try:
+        runs.mark_failed(run_id)
+    except Exception as e:  # any MLflow or network error
+        _say(f"warning: MLflow run {run_id} stays marked as running ({type(e).__name__}: {e})")
 
 
 def command(directory: Path) -> list[str]:
