@@ -59,7 +59,7 @@ def train(config: dict, directory: Path, entry: str = "prefect") -> dict:
         (directory / name).unlink(missing_ok=True)
     _write(directory / REQUEST, {"config": attempt_config(config, directory), "entry": entry})
     ready_store(config["tracking"]["experiment"])
-    child = subprocess.Popen(command(directory), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    child = subprocess.Popen(command(directory), env=child_env())
     code = wait(child)
     if code != 0:
         error = failure(code, directory)
@@ -107,6 +107,14 @@ def _mark_failed(run_id: str) -> None:
 
 def command(directory: Path) -> list[str]:
     return [sys.executable, "-m", "lmpipe", "stage", "train", "--attempt", str(directory)]
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with this lmpipe's project root first on PYTHONPATH (the child runs the
+    same code, wherever the working directory is) and output unbuffered (it shows as it comes)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def wait(child: subprocess.Popen) -> int:
