@@ -10,6 +10,7 @@ from tasks.evaluate import evaluate_model
 from tasks.generate import generate_text
 from tasks.prepare import prepare_data_cached
 from tasks.register import register_model
+from tasks.report import publish_report
 from tasks.tokenize import build_tokenizer_cached
 from tasks.train import train_model
 
@@ -37,8 +38,10 @@ def pipeline(overrides: list[str] | None = None, params_file: str = "params.yaml
     metrics = evaluate_model(config, trained)
     sample = generate_text(config, trained)
     registered = register_model(config, trained, metrics)
-    return {"prepared": prepared, "tokenizer": tokenizer, "train": trained, "metrics": metrics,
-            "sample": sample, "registered": registered}
+    result = {"prepared": prepared, "tokenizer": tokenizer, "train": trained, "metrics": metrics,
+              "sample": sample, "registered": registered}
+    publish_report(result)  # the summary and per-checkpoint table as Prefect artifacts
+    return result
 
 
 def run(cfg: Config, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:

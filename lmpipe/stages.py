@@ -154,10 +154,12 @@ def _code_hash(module_file: str, fp: str) -> str:
 
 # --- train ---------------------------------------------------------------------------------------
 
-def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
+def train(cfg: Config, entry: str = "cli", resume=None, out: Path | None = None) -> dict:
     """Train with periodic checkpoints, tracked in one MLflow run. Fresh unless `resume` (a
     resuming.Resume) or the param train.resume ("latest", a path, or an MLflow URI such as
-    models:/NAME@champion) asks to resume."""
+    models:/NAME@champion) asks to resume. out: a directory of this call's own for train.json, the
+    training log and plot (train.attempts), so that concurrent trainings share no file; None:
+    outputs/."""
     from lmpipe.ckpt.integrity import require_intact
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
@@ -180,8 +182,8 @@ def train(cfg: Config, entry: str = "cli", resume=None) -> dict:
             say(f"train.resume continues {resume.checkpoint} on data.source={cfg.data.source}, not "
                 f"on the data it was trained on ({saved.source}); the new checkpoints record the "
                 "new source")
-    info = run_training(cfg, entry, resume)
-    _write_json(TRAIN_INFO, info)
+    info = run_training(cfg, entry, resume, out)
+    _write_json(TRAIN_INFO if out is None else out / TRAIN_INFO.name, info)
     return info
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import BIN, REPO, cli_env
+from test_report import assert_published
 
 from lmpipe.common.fileio import file_md5
 from lmpipe.config import load_config
@@ -74,6 +75,8 @@ def test_flow_end_to_end(project, prefect_harness):
                         params={"max_new_tokens": 12, "temperature": 0.5})
     assert len(out) == 2 and out[0].startswith("Dear Agnes,")
     assert len(out[0]) == len("Dear Agnes,") + 12
+
+    assert_published(result)  # the run's Prefect artifacts: summary, per-checkpoint table
 
     metrics = json.loads((project / "outputs/metrics.json").read_text())
     assert metrics["val_loss"] > 0 and metrics["bits_per_byte"] > 0

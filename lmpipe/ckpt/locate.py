@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from lmpipe.ckpt.integrity import verify_checkpoint
+from lmpipe.ckpt.manifest import read_manifest
 from lmpipe.ckpt.store import list_checkpoints, parse_filename, refuse_manifest
 from lmpipe.common.errors import UserError, warn
 
@@ -24,6 +25,21 @@ def latest_verified(directory: str | Path, candidates: list[Path] | None = None)
                         "('lmpipe run') or pass --checkpoint PATH")
     raise UserError(f"no checkpoint in {directory}/ verifies ({len(found)} checked); "
                     "retrain, or inspect them with 'lmpipe ckpt verify'")
+
+
+def latest_of_run(directory: str | Path, run_id: str) -> Path | None:
+    """The newest checkpoint of MLflow run `run_id` in `directory` that verifies, by the run id
+    the manifest records (other runs' checkpoints may share the directory); None if it has none."""
+    entries = read_manifest(directory)
+    mine = sorted(((e.get("step") or 0, Path(directory) / name) for name, e in entries.items()
+                   if e.get("run_id") == run_id and (Path(directory) / name).is_file()),
+                  key=lambda t: (t[0], t[1].stat().st_mtime))
+    if not mine:
+        return None
+    try:
+        return latest_verified(directory, [p for _, p in mine])
+    except UserError:  # none verifies (each one reported)
+        return None
 
 
 def resolve_step(directory: str | Path, step: int) -> Path:

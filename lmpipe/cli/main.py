@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml's stages call)")
     p.add_argument("name", choices=STAGES)
+    p.add_argument("--attempt", default=None, metavar="DIR",
+                   help="train only: one attempt of the Prefect training task, which writes "
+                        "DIR/request.json (the resolved configuration) and reads what the "
+                        "attempt reports there (lmpipe/train/attempts.py)")
     _add_config_args(p)
 
     p = sub.add_parser("resume", help="resume training from a checkpoint",
@@ -203,6 +207,8 @@ def cmd_stage(args) -> int:
     from lmpipe.common.errors import warn
     from lmpipe.config import ENV_VARS
 
+    if args.attempt:
+        return _train_attempt(args)
     cfg = _config(args)
     for var, keys in ENV_VARS.items():  # stages are what dvc.yaml runs: DVC tracks params.yaml only
         if os.environ.get(var):
@@ -214,6 +220,28 @@ def cmd_stage(args) -> int:
     result = fn(cfg, entry="dvc") if args.name == "train" else fn(cfg)
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k,
                                        v in result.items() if k not in ("text", "checkpoints")))
+    return 0
+
+
+def _train_attempt(args) -> int:
+    """`lmpipe stage train --attempt DIR`: train the configuration DIR/request.json holds, reporting
+    in DIR (the run id as soon as the run starts, the result, a UserError) for the parent."""
+    from lmpipe import stages
+    from lmpipe.common.errors import UserError
+    from lmpipe.config import config_from_dict
+    from lmpipe.train import attempts
+
+    if args.name != "train" or args.overrides or args.params != "params.yaml":
+        raise UserError("--attempt DIR: only 'lmpipe stage train' takes it, and its configuration "
+                        "comes from DIR/request.json; leave out -S and --params")
+    directory = Path(args.attempt)
+    config, entry = attempts.read_request(directory)
+    try:
+        info = stages.train(config_from_dict(config), entry=entry, out=directory)
+    except UserError as e:
+        attempts.record_error(directory, e)
+        raise
+    print(f"train: run_id={info['run_id']}, step={info['step']}, checkpoint={info['checkpoint']}")
     return 0
 
 

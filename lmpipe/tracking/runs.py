@@ -36,6 +36,16 @@ def training_run(experiment_id: str, run_name: str, resume_run_id: str | None = 
     return mlflow.start_run(run_name=run_name, experiment_id=experiment_id)
 
 
+def mark_failed(run_id: str) -> None:
+    """A run whose training process was killed, so that nothing ended it, as FAILED (a resume of it
+    sets it running again)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
+
+
 def record_resume(step: int, checkpoint: Path, schedule: dict, data: str) -> None:
     """A resume of the active run, as tags at its step: a continued run's params are immutable."""
     import mlflow

@@ -18,6 +18,7 @@ from lmpipe.common.device import pick_device, resolve_dtype
 from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
 from lmpipe.tracking import runs
+from lmpipe.train.attempts import record_run_id
 from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
 from lmpipe.train.resume import Resume, has_train_state, plan, say
 from lmpipe.train.saver import GracefulStop, TrainingSaver, variant_slug
@@ -146,8 +147,11 @@ def set_up(cfg: Config, resume: Resume | None) -> Setup:
     return replace(s, device=device, meta=meta, train_ids=train_ids, val_ids=val_ids)
 
 
-def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
-    """Train (from scratch, or on from a checkpoint); return paths, the run id and final metrics."""
+def run_training(cfg: Config, entry: str, resume: Resume | None = None,
+                 out: Path | None = None) -> dict:
+    """Train (from scratch, or on from a checkpoint); return paths, the run id and final metrics.
+    out: a directory of this call's own (train.attempts) for the training log and plot, and the
+    run id as soon as the run starts; None: outputs/."""
     s = set_up(cfg, resume)
     cfg, meta = s.cfg, s.meta
     experiment_id = tracking.setup(cfg.tracking.experiment)
@@ -156,6 +160,8 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             GracefulStop() as stop:
         tracker = runs.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
+        if out is not None:  # a retry of a killed training process finds its run by it
+            record_run_id(out, tracker.run_id)
         saver = TrainingSaver(cfg, meta, tracker.run_id, stop, model=s.model, optimizer=s.optimizer,
                               tok=s.tok, flush=tracker.flush, on_saved=tracker.checkpoint_saved,
                               dtype=s.dtype,
@@ -170,7 +176,8 @@ def run_training(cfg: Config, entry: str, resume: Resume | None = None) -> dict:
             saver.wait()
             tracker.flush()
         final = saver.final(state.step)
-        runs.log_training_artifacts(write_training_log(state, run.info.run_name))
+        title = cfg.tracking.run_name or run.info.run_name
+        runs.log_training_artifacts(write_training_log(state, title, out))
     return {
         "run_id": tracker.run_id, "experiment_id": experiment_id, "checkpoint": str(final),
         "checkpoints": [str(p) for p in saver.saved], "checkpoint_dir": str(saver.dir),
@@ -224,18 +231,22 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
                               "lmpipe.source": meta["source"]})
 
 
-def write_training_log(state: TrainState, title: str = "") -> list[tuple[Path, str | None]]:
-    """The training log (CSV, DVC plots) and loss-curve PNG titled `title` (the run name); returns
-    them with the tokenizer and stats table, each with its artifact folder. The PNG goes to the
-    run's root: the UI's compare page shows only the files at the root that the runs share."""
+def write_training_log(state: TrainState, title: str = "",
+                       out: Path | None = None) -> list[tuple[Path, str | None]]:
+    """The training log (CSV, DVC plots) and loss-curve PNG titled `title` (the run name), in
+    outputs/ or `out`; returns them with the tokenizer and stats table, each with its artifact
+    folder. The PNG goes to the run's root: the UI's compare page shows only the files at the root
+    that the runs share."""
     import pandas as pd
 
     from lmpipe.common.fileio import atomic_write_text
     from lmpipe.common.paths import LOSS_PLOT, TOKEN_STATS, TRAIN_LOG
     from lmpipe.train.plots import loss_curve
 
+    log_path, plot = (TRAIN_LOG, LOSS_PLOT) if out is None else (out / TRAIN_LOG.name,
+                                                                 out / LOSS_PLOT.name)
     log = pd.DataFrame(state.history).groupby("step", as_index=False).first()
-    atomic_write_text(TRAIN_LOG, log.to_csv(index=False))
-    loss_curve(log, LOSS_PLOT, title)
-    return [(TRAIN_LOG, "training"), (LOSS_PLOT, None),
+    atomic_write_text(log_path, log.to_csv(index=False))
+    loss_curve(log, plot, title)
+    return [(log_path, "training"), (plot, None),
             (tokenizer.TOKENIZER_FILE, "tokenizer"), (TOKEN_STATS, "data")]
