@@ -118,7 +118,7 @@ def test_pipeline_deployment_run_logs_a_run_and_registers_a_version(deployed, ru
     assert "Flow run finished successfully in 'Completed'" in ran.output
     flow_run = deployed.api("GET", f"/flow_runs/{ran.flow_run_id}")
     assert flow_run["parameters"]["overrides"] == ["train.steps=10", "checkpoint.interval=5"]
-    assert _task_runs(deployed, ran.flow_run_id) == 6  # the six stages
+    assert _task_runs(deployed, ran.flow_run_id) == 7  # the six stages and publish_report
     # the override reached training, and the run and its version are in the project's store
     (run_id,) = _mlflow(deployed.project, "SELECT run_uuid FROM runs WHERE status='FINISHED'")[0]
     steps = _mlflow(deployed.project, "SELECT max(step) FROM metrics WHERE run_uuid=?", run_id)

@@ -13,7 +13,9 @@ def train(lr: str, register: bool) -> dict:
     cfg = load_config("params.yaml", ["train.steps=10", f"train.lr={lr}",
                                       "tracking.log_checkpoints=false"], env={})
     info = stages.train(cfg)
-    return {**info, **stages.register(cfg, info)} if register else info
+    if not register:
+        return info
+    return {**info, **stages.register(cfg, info, stages.evaluate(cfg, info))}
 
 
 def test_two_runs_side_by_side(project, capsys):

@@ -50,7 +50,8 @@ def registered(tmp_path_factory):
                           env={})
         stages.prepare(cfg)
         stages.build_tokenizer(cfg)
-        reg = stages.register(cfg, stages.train(cfg))
+        info = stages.train(cfg)
+        reg = stages.register(cfg, info, stages.evaluate(cfg, info))
         mlflow.MlflowClient().set_registered_model_alias(reg["name"], "champion", reg["version"])
     return root, reg["name"]
 
@@ -198,5 +199,5 @@ def test_serving_a_version_whose_checkpoint_artifact_was_deleted_says_so(registe
     assert "register the checkpoint again" in err
     # and a URI that resolves to nothing lists what there is
     assert main(["serve", f"models:/{name}@nightly"]) == 2
-    assert "has no alias 'nightly'; it has versions 1, 2 (aliases: champion → 1)" in \
-        capsys.readouterr().err
+    said = "has no alias 'nightly'; it has versions 1, 2 (aliases: challenger → 2, champion → 1)"
+    assert said in capsys.readouterr().err

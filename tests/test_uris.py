@@ -42,7 +42,7 @@ def reg(tmp_path_factory):
         stages.prepare(cfg)
         stages.build_tokenizer(cfg)
         info = stages.train(cfg)
-        stages.register(cfg, info)
+        stages.register(cfg, info, stages.evaluate(cfg, info))
         step10 = Path(info["checkpoints"][0])
         registry.register_model(info["run_id"], step10, NAME, 10, cfg.flat(), cfg.generate)
         MlflowClient().set_registered_model_alias(NAME, "champion", "2")
@@ -164,9 +164,9 @@ def test_load_checkpoint_script_and_ckpt_verify_take_a_uri(reg, capsys, monkeypa
 @pytest.mark.parametrize("uri, needle", [
     ("models:/nope/1", "no registered model 'nope' in the tracking store sqlite:///"),
     (f"models:/{NAME}/7", f"no version 7 of registered model '{NAME}'; it has versions 1, 2 "
-                          "(aliases: champion → 2)"),
+                          "(aliases: challenger → 1, champion → 2)"),
     (f"models:/{NAME}@gold", f"registered model '{NAME}' has no alias 'gold'; it has versions "
-                             "1, 2 (aliases: champion → 2)"),
+                             "1, 2 (aliases: challenger → 1, champion → 2)"),
     (f"models:/{NAME}", f"name a version or an alias of registered model '{NAME}'"),
     ("runs:/0123456789abcdef/model", "no run '0123456789abcdef' in the tracking store"),
     ("s3://bucket/x.pt", "not a checkpoint URI; pass models:/NAME/VERSION"),
@@ -189,8 +189,8 @@ def test_missing_run_artifact_and_deleted_version_through_the_cli(reg, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"run {run_id} has no artifact 'nope'; the run's top-level artifacts: " in err
     assert "copies/" in err and "model/ (logged model)" in err
-    code, _, err = run(capsys, "generate", "--checkpoint", f"runs:/{run_id}/training/loss.png")
-    assert code == 2 and "artifact 'training/loss.png' is not a checkpoint (.pt) file" in err
+    code, _, err = run(capsys, "generate", "--checkpoint", f"runs:/{run_id}/loss.png")
+    assert code == 2 and "artifact 'loss.png' is not a checkpoint (.pt) file" in err
     # A version whose checkpoint was deleted from the artifact store.
     cfg = load_config("params.yaml")
     v3 = registry.register_model(run_id, reg["step10"], NAME, 10, cfg.flat(), cfg.generate)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lmpipe.ckpt.locate import resolve_checkpoint
 from lmpipe.common.errors import UserError, warn
-from lmpipe.tracking import tracking_uri, ui_hint
+from lmpipe.tracking import tracking_uri
 
 # Under the checkpoint directory; hidden, so `ls checkpoints/` and 'latest' see only local ones.
 CACHE = ".mlflow-downloads"
@@ -194,7 +194,7 @@ def _run_source(client, uri: str) -> Source:
         run = None
     if run is None:
         raise UserError(f"{uri}: no run {run_id!r} in the tracking store {tracking_uri()}; find "
-                        f"run ids in the MLflow UI: {ui_hint()}")
+                        "run ids with 'lmpipe runs'")
     if not path:
         raise UserError(f"{uri}: name the artifact after the run id (runs:/{run_id}/PATH); "
                         f"the run's top-level artifacts: {_run_artifacts(client, run)}")
