@@ -26,7 +26,8 @@ run: setup
 	$(BIN)/lmpipe run
 
 # Two workers (the machine's 2 cores); each test file stays on one worker, so the timing-sensitive
-# fault tests run in order among themselves while the rest of the suite runs beside them.
+# fault tests of tests/test_faults.py run in order among themselves while the rest of the suite
+# runs beside them (the longest of them, the random kills, has a file of its own to balance them).
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: setup lint

@@ -53,7 +53,7 @@ def test_two_runs_side_by_side(project, capsys):
     assert df[["train_loss", "val_loss_est"]].notna().all().all()
     # the registry: the first run's version and its alias; the second run registered none
     assert df.loc[a, "version"] == f"{first['name']}/{first['version']}"
-    assert df.loc[a, "aliases"] == "champion"
+    assert df.loc[a, "aliases"] == "challenger, champion"  # the first version: both
     assert df.loc[b, ["version", "aliases"]].isna().all()
 
     # --compare: the runs named (ids or 8+ character prefixes), in that order, as the CLI prints it
