@@ -53,15 +53,21 @@ TINY_PARAMS = {section: {**values, **_TINY.get(section, {})}
                for section, values in yaml.safe_load((REPO / "params.yaml").read_text()).items()}
 
 
+def lay_out_tiny_project(root: Path) -> Path:
+    """The tiny project's files in `root`: data/corpus.md and params.yaml (TINY_PARAMS)."""
+    (root / "data").mkdir()
+    (root / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    return root
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A tiny project directory (params.yaml + corpus) as the working directory, with its own
     MLflow SQLite store and none of the seed's environment variables set."""
     for var in ENV_VARS:
         monkeypatch.delenv(var, raising=False)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    lay_out_tiny_project(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (tmp_path / "mlruns").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_PARAMS, cli_env, tiny_corpus
+from conftest import REPO, cli_env, lay_out_tiny_project
 from servers import prefect_stack
 
 DEPLOYMENTS = {"lmpipe-pipeline/default": "flows/pipeline.py:pipeline",
@@ -62,10 +62,7 @@ def test_serve_refuses_a_port_in_use():
 def deployed(tmp_path_factory):
     """A tiny project served by scripts/serve.py (server, pool, the pipeline, generate and resume
     deployments, one worker), with no MLFLOW_TRACKING_URI: the flows use the project's store."""
-    project = tmp_path_factory.mktemp("deployed")
-    (project / "data").mkdir()
-    (project / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
-    (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    project = lay_out_tiny_project(tmp_path_factory.mktemp("deployed"))
     (project / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
     (project / "flows").symlink_to(REPO / "flows")
     env = {k: v for k, v in cli_env(OMP_NUM_THREADS="1").items() if k != "MLFLOW_TRACKING_URI"}

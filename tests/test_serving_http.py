@@ -17,8 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO, TINY_PARAMS, cli_env, tiny_corpus
+from conftest import REPO, TINY_PARAMS, cli_env, lay_out_tiny_project
 
 pytestmark = pytest.mark.slow
 PROMPT = "Dear Agnes,"
@@ -38,10 +37,7 @@ def registered(tmp_path_factory):
     from lmpipe import stages
     from lmpipe.config import load_config
 
-    root = tmp_path_factory.mktemp("serving")
-    (root / "data").mkdir()
-    (root / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    root = lay_out_tiny_project(tmp_path_factory.mktemp("serving"))
     (root / "mlruns").mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

@@ -7,8 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-import yaml
-from conftest import TINY_PARAMS, tiny_corpus
+from conftest import lay_out_tiny_project
 
 from lmpipe import stages, tracking
 from lmpipe.config import ENV_VARS, load_config
@@ -51,10 +50,7 @@ def trained(tmp_path_factory):
     project of its own (conftest's `project`, once for this module: a new store costs seconds).
     Saves are synchronous: checkpoints are logged inside the active run (test_pipeline's flow
     covers the asynchronous saves, logged on the writer's thread)."""
-    root = tmp_path_factory.mktemp("ui")
-    (root / "data").mkdir()
-    (root / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    root = lay_out_tiny_project(tmp_path_factory.mktemp("ui"))
     (root / "mlruns").mkdir()
     with pytest.MonkeyPatch.context() as mp:
         for var in ENV_VARS:

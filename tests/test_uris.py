@@ -9,8 +9,7 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, TINY_PARAMS, cli_env, tiny_corpus
+from conftest import REPO, cli_env, lay_out_tiny_project
 
 from lmpipe.cli.main import main
 from lmpipe.config import ENV_VARS, load_config
@@ -28,10 +27,7 @@ def reg(tmp_path_factory):
     from lmpipe import stages
     from lmpipe.tracking import registry
 
-    root = tmp_path_factory.mktemp("uris")
-    (root / "data").mkdir()
-    (root / "data" / "corpus.md").write_text(tiny_corpus(), encoding="utf-8")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    root = lay_out_tiny_project(tmp_path_factory.mktemp("uris"))
     with pytest.MonkeyPatch.context() as mp:
         for var in ENV_VARS:
             mp.delenv(var, raising=False)
