@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     grad_accum_steps: int = 1  # micro-batches per optimizer step: batch_size × this per step
+    nproc: int = 1  # training processes (torchrun, DDP); effective batch: batch × nproc × accum
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     dtype: str = "auto"  # auto: bfloat16 autocast on CUDA where supported, float32 elsewhere
     # "": start fresh; "latest" or a checkpoint path: resume (explicit, tracked by DVC)
@@ -175,6 +176,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "TRAINING_STEPS": ("train.steps",),
     "TRAINING_DATA_SOURCE": ("data.source",),
     "DEVICE": ("train.device", "generate.device"),
+    "NPROC": ("train.nproc",),
     "GPT2_MODEL_NAME": ("model.pretrained", "model.variant"),
 }
 
@@ -259,6 +261,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_interval": POS_INT,
     "train.device": _one_of(DEVICES),
     "train.grad_accum_steps": POS_INT,
+    "train.nproc": POS_INT,
     "train.dtype": _one_of(DTYPES),
     "checkpoint.interval": POS_INT,
     "checkpoint.dir": NONEMPTY,

@@ -164,6 +164,7 @@ def train(cfg: Config, entry: str = "cli", resume=None, out: Path | None = None)
     from lmpipe.ckpt.rebuild import EARLIER
     from lmpipe.ckpt.store import load_checkpoint
     from lmpipe.tracking.uris import resolve
+    from lmpipe.train import distributed
     from lmpipe.train.resume import Resume, check_architecture, recorded_data, say
     from lmpipe.train.run import run_training
 
@@ -182,9 +183,26 @@ def train(cfg: Config, entry: str = "cli", resume=None, out: Path | None = None)
             say(f"train.resume continues {resume.checkpoint} on data.source={cfg.data.source}, not "
                 f"on the data it was trained on ({saved.source}); the new checkpoints record the "
                 "new source")
+    if distributed.wants_launch(cfg.train.nproc):
+        return _launch(cfg, entry, resume)
     info = run_training(cfg, entry, resume, out)
+    if info is None:  # a rank > 0 of a torchrun job: rank 0 reports
+        return {}
     _write_json(TRAIN_INFO if out is None else out / TRAIN_INFO.name, info)
     return info
+
+
+def _launch(cfg: Config, entry: str, resume) -> dict:
+    """train.nproc > 1 outside torchrun: train under `torchrun --nproc-per-node N` (one attempt,
+    lmpipe.train.attempts), which publishes train.json, the log and the plot into outputs/."""
+    import dataclasses
+    import uuid
+
+    from lmpipe.train import attempts
+
+    plan = None if resume is None else {k: str(v) if isinstance(v, Path) else v
+                                        for k, v in dataclasses.asdict(resume).items()}
+    return attempts.train(cfg.to_dict(), attempts.ATTEMPTS / uuid.uuid4().hex, entry, plan)
 
 
 def _train_info(train_info: dict | None) -> dict:

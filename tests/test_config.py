@@ -123,7 +123,7 @@ def test_by_model_keys_and_values_are_validated(tmp_path):
         f"{p}: unknown model type 'rnn' in by_model; known: bigram, gpt, nanochat, gpt2",
         f"{p}: unknown key 'by_model.gpt.train.lrr'; keys in by_model.gpt.train: steps, "
         "batch_size, lr, min_lr, warmup_steps, weight_decay, beta1, beta2, grad_clip, "
-        "eval_interval, eval_batches, log_interval, seed, device, grad_accum_steps, "
+        "eval_interval, eval_batches, log_interval, seed, device, grad_accum_steps, nproc, "
         "gradient_checkpointing, dtype, resume",
         f"{p}: unknown section 'by_model.gpt.data'; known: model, train",
         "-S: unknown key 'by_model.bigram.model.type'; keys in by_model.bigram.model: n_layer, "

@@ -218,6 +218,8 @@ def cmd_stage(args) -> int:
           "evaluate": stages.evaluate, "generate": stages.generate,
           "register": stages.register}[args.name]
     result = fn(cfg, entry="dvc") if args.name == "train" else fn(cfg)
+    if not result:  # a rank > 0 of a torchrun job: rank 0 reports
+        return 0
     print(f"{args.name}: " + ", ".join(f"{k}={v}" for k,
                                        v in result.items() if k not in ("text", "checkpoints")))
     return 0
@@ -230,18 +232,22 @@ def _train_attempt(args) -> int:
     from lmpipe.common.errors import UserError
     from lmpipe.config import config_from_dict
     from lmpipe.train import attempts
+    from lmpipe.train.resume import Resume
 
     if args.name != "train" or args.overrides or args.params != "params.yaml":
         raise UserError("--attempt DIR: only 'lmpipe stage train' takes it, and its configuration "
                         "comes from DIR/request.json; leave out -S and --params")
     directory = Path(args.attempt)
-    config, entry = attempts.read_request(directory)
+    config, entry, plan = attempts.read_request(directory)
+    resume = None if plan is None else Resume(**{**plan, "checkpoint": Path(plan["checkpoint"])})
     try:
-        info = stages.train(config_from_dict(config), entry=entry, out=directory)
-    except UserError as e:
+        info = stages.train(config_from_dict(config), entry=entry, resume=resume, out=directory)
+    except UserError as e:  # the parent reports it (attempts.failure), once
         attempts.record_error(directory, e)
-        raise
-    print(f"train: run_id={info['run_id']}, step={info['step']}, checkpoint={info['checkpoint']}")
+        return e.exit_code
+    if info:  # not a rank > 0 of a torchrun job
+        print(f"train: run_id={info['run_id']}, step={info['step']}, "
+              f"checkpoint={info['checkpoint']}")
     return 0
 
 

@@ -14,6 +14,7 @@ DIR, one per task run, holds what an attempt is given and what it reports:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from lmpipe.common.errors import UserError
 from lmpipe.common.fileio import atomic_write_text
 from lmpipe.common.paths import LOSS_PLOT, OUTPUTS, TRAIN_INFO, TRAIN_LOG
 from lmpipe.tracking import runs
+from lmpipe.train import distributed
 
 ATTEMPTS = OUTPUTS / "attempts"  # one directory per task run; removed when its training succeeds
 REQUEST, RUN, ERROR = "request.json", "run.json", "error.json"
@@ -50,16 +52,24 @@ class TrainingFailed(UserError):
 
 # --- the parent: one attempt ---------------------------------------------------------------------
 
-def train(config: dict, directory: Path, entry: str = "prefect") -> dict:
-    """Train `config` (Config.to_dict()) in a child process and return the train stage's result;
-    its train.json, log and plot then replace outputs/'s, and `directory` goes. Raises
-    TrainingCrashed (worth a retry, with the same `directory`) or TrainingFailed."""
+def train(config: dict, directory: Path, entry: str = "prefect",
+          resume: dict | None = None) -> dict:
+    """Train `config` (Config.to_dict()) in a child process, or in train.nproc processes under
+    torchrun, and return the train stage's result; its train.json, log and plot then replace
+    outputs/'s, and `directory` goes. resume: a train.resume.Resume as a dict (`lmpipe resume`).
+    Raises TrainingCrashed (worth a retry, with the same `directory`) or TrainingFailed."""
+    nproc = config["train"].get("nproc", 1)
+    if nproc > 1:
+        distributed.check_nproc(nproc, config["train"]["device"])
     directory.mkdir(parents=True, exist_ok=True)
     for name in (TRAIN_INFO.name, ERROR):
         (directory / name).unlink(missing_ok=True)
-    _write(directory / REQUEST, {"config": attempt_config(config, directory), "entry": entry})
+    given = attempt_config(config, directory)
+    # a retry resumes its own run from the newest checkpoint (train.resume), not `resume`'s
+    _write(directory / REQUEST, {"config": given, "entry": entry,
+                                 "resume": resume if given is config else None})
     ready_store(config["tracking"]["experiment"])
-    child = subprocess.Popen(command(directory), env=child_env())
+    child = subprocess.Popen(command(directory, nproc), env=child_env())
     code = wait(child)
     if code != 0:
         error = failure(code, directory)
@@ -105,8 +115,12 @@ def _mark_failed(run_id: str) -> None:
         _say(f"warning: MLflow run {run_id} stays marked as running ({type(e).__name__}: {e})")
 
 
-def command(directory: Path) -> list[str]:
-    return [sys.executable, "-m", "lmpipe", "stage", "train", "--attempt", str(directory)]
+def command(directory: Path, nproc: int = 1) -> list[str]:
+    """`python -m lmpipe stage train --attempt DIR`; under torchrun when nproc > 1."""
+    args = ["stage", "train", "--attempt", str(directory)]
+    if distributed.wants_launch(nproc):
+        return distributed.torchrun_command(nproc, args)
+    return [sys.executable, "-m", "lmpipe", *args]
 
 
 def child_env() -> dict[str, str]:
@@ -121,14 +135,38 @@ def wait(child: subprocess.Popen) -> int:
     """The child's exit code. Interrupted meanwhile (Ctrl-C, which the child gets from the terminal
     too; a Prefect cancellation), ask the child to stop and wait for its emergency save: SIGTERM,
     which the child ignores if a Ctrl-C reached it first (a second SIGINT would abandon the
-    save)."""
-    try:
-        return child.wait()
-    except BaseException:
+    save). A SIGTERM to this process goes on to the child at once (forward_sigterm)."""
+    with forward_sigterm(child):
+        try:
+            return child.wait()
+        except BaseException:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+            child.wait()
+            raise
+
+
+@contextlib.contextmanager
+def forward_sigterm(child: subprocess.Popen):
+    """While the child runs, a SIGTERM to this process (the launcher: `lmpipe stage train` with
+    train.nproc > 1, a Prefect flow run) is sent on to it, so training saves and stops (torchrun
+    passes it to every rank) rather than being orphaned; a handler that was in place (Prefect's)
+    still runs after. Only the main thread can set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-        child.wait()
-        raise
+        if callable(previous):
+            previous(signum, frame)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def failure(code: int, directory: Path) -> Exception:
@@ -156,13 +194,14 @@ def publish(directory: Path) -> None:
 
 # --- the child: what it reads and reports --------------------------------------------------------
 
-def read_request(directory: Path) -> tuple[dict, str]:
-    """The configuration (Config.to_dict()) and entry an attempt is given."""
+def read_request(directory: Path) -> tuple[dict, str, dict | None]:
+    """The configuration (Config.to_dict()), entry and resume (a Resume as a dict, or None) an
+    attempt is given."""
     request = _read(directory / REQUEST)
     if request is None:
         raise UserError(f"{directory / REQUEST}: not found or not valid JSON; --attempt DIR is "
                         "the Prefect training task's, which writes it")
-    return request["config"], request["entry"]
+    return request["config"], request["entry"], request.get("resume")
 
 
 def record_run_id(directory: Path, run_id: str) -> None:

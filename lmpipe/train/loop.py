@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from lmpipe.config import TrainConfig
+from lmpipe.train.distributed import Group
 from lmpipe.train.schedule import Schedule
 
 
@@ -129,16 +130,20 @@ def estimate_loss(model: torch.nn.Module, data: torch.Tensor, block_size: int, b
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: torch.Tensor,
           val_data: torch.Tensor, cfg: TrainConfig, block_size: int, device: str,
           callbacks: Callbacks | None = None, state: TrainState | None = None,
-          clock: Callable[[], float] = time.monotonic, dtype: str = "float32") -> TrainState:
+          clock: Callable[[], float] = time.monotonic, dtype: str = "float32",
+          group: Group | None = None) -> TrainState:
     """Train from state.step to state.schedule.end (cfg.steps for a fresh run); returns the final
     state. Each step draws batch_size × grad_accum_steps sequences, as grad_accum_steps
     micro-batches, under autocast to `dtype` (float32: none; common.device.resolve_dtype).
-    `clock` (seconds) times the progress lines: their ETA and heartbeat."""
+    `clock` (seconds) times the progress lines: their ETA and heartbeat. In a torchrun job
+    (`group`), `model` is the DistributedDataParallel wrapper and every process runs this loop
+    on its own batches; they agree on the logged loss and on stopping, and only rank 0 prints."""
     cb = callbacks or Callbacks()
+    group = group or Group()
     state = state or TrainState.fresh(cfg)
     total = state.schedule.end
-    progress = _Progress(state.step, total, clock=clock)
-    window = _Window(cfg.batch_size * cfg.grad_accum_steps * block_size)
+    progress = _Progress(state.step, total, clock=clock, quiet=not group.leader)
+    window = _Window(cfg.batch_size * cfg.grad_accum_steps * block_size * group.world_size)
     amp = _Amp(dtype, device)
     model.train()
     while state.step < total:
@@ -146,7 +151,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         lr = state.schedule.lr_at(state.step)
         batch = get_batch(train_data, block_size, cfg.batch_size * cfg.grad_accum_steps,
                           state.sampler, device)
-        window.add(_step(model, optimizer, batch, lr, cfg, amp), time.perf_counter() - t0)
+        loss, stop = group.agree(_step(model, optimizer, batch, lr, cfg, amp), cb.should_stop(),
+                                 device)
+        window.add(loss, time.perf_counter() - t0)
         state.step += 1
 
         logged = state.step % cfg.log_interval == 0 or state.step == total
@@ -157,7 +164,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
             if cb.on_log:
                 cb.on_log(state.step, metrics)
             window = _Window(window.tokens_per_step)
-        if cb.should_stop():
+        if stop:
             progress.close()
             if cb.on_stop:
                 cb.on_stop(state.step, state)
@@ -165,7 +172,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         saving = cb.on_save is not None and (cb.should_save(state.step) or state.step == total)
         # every checkpoint gets a val loss
         if saving or state.step % cfg.eval_interval == 0 or state.step == total:
-            val = _evaluate(model, val_data, cfg, block_size, device, state)
+            val = _evaluate(getattr(model, "module", model), val_data, cfg, block_size, device,
+                            state)
             progress.note(f"step {state.step}: val loss {val:.4f}")
             if cb.on_eval:
                 cb.on_eval(state.step, {"val_loss": val}, saving)
@@ -184,10 +192,14 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     accum, total = cfg.grad_accum_steps, 0.0
-    for x, y in zip(batch[0].chunk(accum), batch[1].chunk(accum), strict=True):
-        with amp.autocast():
-            _, loss = model(x, y)
-        amp.backward(loss / accum)
+    for i, (x, y) in enumerate(zip(batch[0].chunk(accum), batch[1].chunk(accum), strict=True)):
+        # DDP: gradients are averaged across processes on the last micro-batch only
+        local = model.no_sync() if hasattr(model, "no_sync") and i < accum - 1 \
+            else contextlib.nullcontext()
+        with local:
+            with amp.autocast():
+                _, loss = model(x, y)
+            amp.backward(loss / accum)
         total += loss.item()
     amp.step(optimizer, model, cfg.grad_clip)
     return total / accum
@@ -258,11 +270,11 @@ class _Progress:
     least every `heartbeat` seconds between them. A terminal also gets a live tqdm bar."""
 
     def __init__(self, start: int, total: int, heartbeat: float = HEARTBEAT_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False):
         self.start, self.total, self.heartbeat, self.clock = start, total, heartbeat, clock
         self.start_time = self.last_line = clock()
-        self.bar = None
-        if sys.stderr.isatty():
+        self.bar, self.quiet = None, quiet
+        if sys.stderr.isatty() and not quiet:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
@@ -286,6 +298,8 @@ class _Progress:
                   f"{m['tokens_per_sec']:,.0f} tok/s | eta {eta:.0f}s")
 
     def note(self, text: str) -> None:
+        if self.quiet:
+            return
         (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr,
                                                                      flush=True))(text)
 

@@ -18,10 +18,12 @@ from lmpipe.common.device import pick_device, resolve_dtype
 from lmpipe.common.errors import UserError
 from lmpipe.config import Config, config_from_dict
 from lmpipe.tracking import runs
+from lmpipe.train import distributed
 from lmpipe.train.attempts import record_run_id
+from lmpipe.train.distributed import Group
 from lmpipe.train.loop import Callbacks, TrainState, make_optimizer, train
 from lmpipe.train.resume import Resume, has_train_state, plan, say
-from lmpipe.train.saver import GracefulStop, TrainingSaver, variant_slug
+from lmpipe.train.saver import GracefulStop, TrainingSaver, checkpoint_due, variant_slug
 from models import build_model
 
 
@@ -58,14 +60,27 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
     return ids
 
 
-def fresh_setup(cfg: Config, device: str) -> Setup:
-    if cfg.model.lora_r > 0:
-        return lora_setup(cfg, device)
+def fresh_setup(cfg: Config, device: str, group: Group) -> Setup:
+    s = lora_setup(cfg, device) if cfg.model.lora_r > 0 else _fresh_model(cfg, device)
+    if group.rank > 0:  # its own batches and dropout; the weights are rank 0's (DDP)
+        reseed(s.state, group.rank, cfg.train.seed)
+    return s
+
+
+def _fresh_model(cfg: Config, device: str) -> Setup:
     tok = tokenizer.load()
     torch.manual_seed(cfg.train.seed)
     model = (pretrained_model(cfg, tok) if cfg.model.type == "gpt2"
              else build_model({**asdict(cfg.model), "vocab_size": tok.vocab_size})).to(device)
     return Setup(cfg, model, make_optimizer(model, cfg.train), TrainState.fresh(cfg.train), tok)
+
+
+def reseed(state: TrainState, rank: int, seed: int) -> None:
+    """This process's own RNG streams (data sampler, dropout), derived from the seed, its rank and
+    the step it starts at (distributed.rank_seed)."""
+    derived = distributed.rank_seed(seed, rank, state.step)
+    state.sampler = torch.Generator().manual_seed(derived)
+    torch.manual_seed(derived)
 
 
 def lora_setup(cfg: Config, device: str) -> Setup:
@@ -103,7 +118,7 @@ def precision(s: Setup) -> Setup:
     return replace(s, dtype=resolve_dtype(s.cfg.train.dtype, s.device))
 
 
-def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
+def resume_setup(cfg: Config, resume: Resume, device: str, group: Group) -> Setup:
     """Model, tokenizer, training settings and loop state from the checkpoint; data, checkpoint and
     tracking settings from the current configuration."""
     ckpt = load_checkpoint(resume.checkpoint, map_location=device)
@@ -116,16 +131,28 @@ def resume_setup(cfg: Config, resume: Resume, device: str) -> Setup:
     if not resume.no_optimizer:
         check_optimizer_state(ckpt, optimizer, resume.checkpoint)
         optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-    state = _loop_state(ckpt, resume, cfg)
+    state = _loop_state(ckpt, resume, cfg, group)
     state.schedule = schedule
     return Setup(cfg, model, optimizer, state, tokenizer_from_checkpoint(ckpt), ckpt.get("run_id"))
 
 
-def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
-    """The saved loop state and RNGs; a checkpoint without one (imported) starts a fresh state at
-    its step, seeded from train.seed."""
+def _loop_state(ckpt: dict, resume: Resume, cfg: Config, group: Group) -> TrainState:
+    """The saved loop state and RNGs (this rank's, in a torchrun job; re-derived from the seed when
+    the checkpoint was written by another number of processes); a checkpoint without one
+    (imported) starts a fresh state at its step, seeded from train.seed."""
     if has_train_state(ckpt):
-        return TrainState.from_dict(ckpt["train_state"])
+        saved = ckpt["train_state"]
+        ranks = saved.get("rank_rngs") or [{}]  # a single process's checkpoint: its own only
+        if len(ranks) == group.world_size:
+            return TrainState.from_dict({**saved, **ranks[group.rank]})
+        state = TrainState.from_dict(saved)
+        reseed(state, group.rank, cfg.train.seed)
+        if group.leader:
+            say(f"{resume.checkpoint} was written by {len(ranks)} training process(es), this run "
+                f"has {group.world_size}: weights, optimizer and schedule are restored, each "
+                "process's data sampler is re-derived from train.seed; the result is not "
+                "bit-exact with a run that kept one number of processes")
+        return state
     torch.manual_seed(cfg.train.seed)  # dropout draws from the global generator
     say(f"{resume.checkpoint} has no training state: starting a fresh one at step "
         f"{ckpt['step']}, with a new "
@@ -135,12 +162,12 @@ def _loop_state(ckpt: dict, resume: Resume, cfg: Config) -> TrainState:
     return state
 
 
-def set_up(cfg: Config, resume: Resume | None) -> Setup:
+def set_up(cfg: Config, resume: Resume | None, group: Group, device: str) -> Setup:
     """The model, optimizer, loop state and tokenizer (fresh, or from the checkpoint) and the
-    prepared data, encoded."""
-    device = pick_device(cfg.train.device)
-    s = precision(replace(resume_setup(cfg, resume, device) if resume
-                          else fresh_setup(cfg, device), device=device))
+    prepared data, encoded; train.nproc as it really is (torchrun's world size)."""
+    s = precision(replace(resume_setup(cfg, resume, device, group) if resume
+                          else fresh_setup(cfg, device, group), device=device))
+    s.cfg = replace(s.cfg, train=replace(s.cfg.train, nproc=group.world_size))
     meta, block = data.load_meta(), s.cfg.model.block_size
     train_ids = encode_split(s.tok, meta["train"], block, "train")
     val_ids = encode_split(s.tok, meta["val"], block, "val")
@@ -148,30 +175,57 @@ def set_up(cfg: Config, resume: Resume | None) -> Setup:
 
 
 def run_training(cfg: Config, entry: str, resume: Resume | None = None,
-                 out: Path | None = None) -> dict:
+                 out: Path | None = None) -> dict | None:
     """Train (from scratch, or on from a checkpoint); return paths, the run id and final metrics.
     out: a directory of this call's own (train.attempts) for the training log and plot, and the
-    run id as soon as the run starts; None: outputs/."""
-    s = set_up(cfg, resume)
+    run id as soon as the run starts; None: outputs/. In a torchrun job every process calls this;
+    rank 0 tracks, saves and returns the result, the others return None."""
+    device = pick_device(cfg.train.device)
+    group = distributed.start(device)
+    try:
+        s = set_up(cfg, resume, group, group.device(device))
+        return _lead(s, entry, resume, out, group) if group.leader else _follow(s, group)
+    finally:
+        group.close()
+
+
+def _follow(s: Setup, group: Group) -> None:
+    """A rank > 0 of a torchrun job: trains on its own batches, and at every save and stop sends
+    rank 0 its RNG states; it neither tracks nor writes."""
+    cfg = s.cfg
+    with GracefulStop(quiet=True) as stop:
+        hooks = Callbacks(should_save=lambda step: checkpoint_due(cfg, step),
+                          on_save=lambda step, state: group.gather_rngs(state.to_dict()),
+                          should_stop=lambda: stop.requested,
+                          on_stop=lambda step, state: group.gather_rngs(state.to_dict()))
+        train(group.wrap(s.model, s.device), s.optimizer, s.train_ids, s.val_ids, cfg.train,
+              cfg.model.block_size, s.device, hooks, s.state, dtype=s.dtype, group=group)
+
+
+def _lead(s: Setup, entry: str, resume: Resume | None, out: Path | None, group: Group) -> dict:
+    """Rank 0 (a single process is rank 0 of 1): trains, tracks in MLflow and saves."""
     cfg, meta = s.cfg, s.meta
     experiment_id = tracking.setup(cfg.tracking.experiment)
     name = run_name(cfg, meta["source"])
-    with runs.ended(runs.training_run(experiment_id, name, s.parent_run_id)) as run, \
-            GracefulStop() as stop:
+    # the signal handlers stay in place while the run ends: a SIGTERM that torchrun sends after
+    # another rank died must not cut short marking the run FAILED
+    with GracefulStop() as stop, \
+            runs.ended(runs.training_run(experiment_id, name, s.parent_run_id)) as run:
         tracker = runs.TrainingTracker(run, experiment_id, cfg)
         _record_run(run, s, entry, resume)
         if out is not None:  # a retry of a killed training process finds its run by it
             record_run_id(out, tracker.run_id)
         saver = TrainingSaver(cfg, meta, tracker.run_id, stop, model=s.model, optimizer=s.optimizer,
                               tok=s.tok, flush=tracker.flush, on_saved=tracker.checkpoint_saved,
-                              dtype=s.dtype,
+                              dtype=s.dtype, group=group,
                               protect=(resume.checkpoint,) if resume else ())
         hooks = Callbacks(on_log=tracker.log, on_eval=tracker.log_eval, should_save=saver.due,
                           on_save=saver.save, should_stop=saver.stop_requested,
                           on_stop=saver.save_and_stop)
         try:
-            state = train(s.model, s.optimizer, s.train_ids, s.val_ids, cfg.train,
-                          cfg.model.block_size, s.device, hooks, s.state, dtype=s.dtype)
+            state = train(group.wrap(s.model, s.device), s.optimizer, s.train_ids, s.val_ids,
+                          cfg.train, cfg.model.block_size, s.device, hooks, s.state, dtype=s.dtype,
+                          group=group)
         finally:
             saver.wait()
             tracker.flush()
@@ -222,9 +276,11 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
     if resume:  # a continued run's params are immutable: record the resume as tags
         runs.record_resume(s.state.step, resume.checkpoint, s.state.schedule.to_dict(),
                                f"{meta.get('source_spec')} ({meta.get('fingerprint')})")
+    t = cfg.train
     runs.log_run_params(run, {**cfg.flat(), "vocab_size": s.tok.vocab_size,
-                                  "n_params": s.n_params, "device": s.device,
-                                  "source_name": meta["source"]})
+                              "n_params": s.n_params, "device": s.device,
+                              "source_name": meta["source"], "world_size": t.nproc,
+                              "effective_batch_size": t.batch_size * t.nproc * t.grad_accum_steps})
     inputs = {"data.train": meta["train"], "data.val": meta["val"],
               "tokenizer": tokenizer.TOKENIZER_FILE}
     runs.tag_run(inputs, {"lmpipe.entry": entry, "lmpipe.model_type": cfg.model.type,

@@ -34,6 +34,7 @@ from lmpipe.ckpt.store import (
 from lmpipe.common.errors import UserError, warn
 from lmpipe.common.fileio import SaveAbandoned
 from lmpipe.config import CheckpointConfig, Config
+from lmpipe.train.distributed import Group
 
 if TYPE_CHECKING:
     from lmpipe.train.loop import TrainState
@@ -193,15 +194,16 @@ class TrainingSaver:
     def __init__(self, cfg: Config, meta: dict, run_id: str, stop: GracefulStop, *, model,
                  optimizer, tok, flush: Callable[[], None],
                  on_saved: Callable[[Path, dict], None], protect: tuple[Path, ...] = (),
-                 dtype: str | None = None):
+                 dtype: str | None = None, group: Group | None = None):
         self.cfg, self.meta, self.run_id, self.stop = cfg, meta, run_id, stop
+        self.group = group or Group()  # a torchrun job: the other ranks' RNG states come along
         self.model, self.optimizer, self.tok = model, optimizer, tok  # what each checkpoint holds
         self.flush, self.on_saved, self.dtype = flush, on_saved, dtype
         self.dir = Path(cfg.checkpoint.dir)
         self.ckpts = Checkpointer(self.dir, cfg.checkpoint, run_id, protect, on_saved=self._saved)
 
     def due(self, step: int) -> bool:
-        return self.cfg.checkpoint.enabled and step % self.cfg.checkpoint.interval == 0
+        return checkpoint_due(self.cfg, step)
 
     def path(self, step: int) -> Path:
         """checkpoint_{model}_{source}[_{variant slug}]_step..., the slug when model.variant is set
@@ -222,7 +224,17 @@ class TrainingSaver:
                              "data": data_record(cfg, self.meta)}, dtype=self.dtype,
             tokenizer_json=tok.to_json(), step=step, vocab_size=tok.vocab_size,
             block_size=cfg.model.block_size, source=self.meta["source"], run_id=self.run_id,
-            train_state=state.to_dict(), metrics=state.metrics(), base_model=base)
+            train_state=self.train_state(state), metrics=state.metrics(), base_model=base)
+
+    def train_state(self, state: TrainState) -> dict:
+        """The loop state; in a torchrun job also every rank's RNG states (rank_rngs, by rank),
+        which makes a resume at the same world size bit-exact (the other ranks send theirs here
+        at the same step: distributed.Group.gather_rngs)."""
+        own = state.to_dict()
+        if not self.group.active:
+            return own
+        return {**own, "world_size": self.group.world_size,
+                "rank_rngs": self.group.gather_rngs(own)}
 
     def save(self, step: int, state: TrainState, wait: bool = False) -> Path:
         # Metrics up to this step become durable with the checkpoint: after a kill, the resume
@@ -271,6 +283,11 @@ class TrainingSaver:
         self.on_saved(path, entry)
 
 
+def checkpoint_due(cfg: Config, step: int) -> bool:
+    """Whether a periodic checkpoint is due after `step` (the final step is always saved)."""
+    return cfg.checkpoint.enabled and step % cfg.checkpoint.interval == 0
+
+
 def model_weights(model) -> tuple[dict, dict | None]:
     """What a checkpoint stores of `model`: its state_dict; for a LoRA model the adapter tensors
     only, with the identity of its base (ckpt/lora.py)."""
@@ -312,8 +329,9 @@ class GracefulStop:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.signum: int | None = None
+        self.quiet = quiet  # the other ranks of a torchrun job: rank 0 says it
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "GracefulStop":
@@ -334,8 +352,9 @@ class GracefulStop:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        warn(f"received {signal.Signals(signum).name}: finishing this step, then saving a "
-             "checkpoint (press Ctrl+C again to abandon the save)")
+        if not self.quiet:
+            warn(f"received {signal.Signals(signum).name}: finishing this step, then saving a "
+                 "checkpoint (press Ctrl+C again to abandon the save)")
 
     @property
     def requested(self) -> bool:
