@@ -205,6 +205,11 @@ def _follow(s: Setup, group: Group) -> None:
 def _lead(s: Setup, entry: str, resume: Resume | None, out: Path | None, group: Group) -> dict:
     """Rank 0 (a single process is rank 0 of 1): trains, tracks in MLflow and saves."""
     cfg, meta = s.cfg, s.meta
+    if group.active:
+        t = cfg.train
+        say(f"training in {group.world_size} process(es) (torchrun, DDP over {group.backend}); "
+            f"effective batch {t.batch_size} × {group.world_size} × {t.grad_accum_steps} = "
+            f"{t.batch_size * group.world_size * t.grad_accum_steps} sequences per step")
     experiment_id = tracking.setup(cfg.tracking.experiment)
     name = run_name(cfg, meta["source"])
     # the signal handlers stay in place while the run ends: a SIGTERM that torchrun sends after
