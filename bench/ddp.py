@@ -52,10 +52,12 @@ def worker(device: str, steps: int) -> None:
 
 
 def measure(nproc: int, device: str, steps: int) -> dict:
+    from lmpipe.train.distributed import launch_env
+
     cmd = [sys.executable, "-m", "lmpipe.train.launch", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "bench.ddp", "--worker", "--device", device,
            "--steps", str(steps)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(nproc, device))
     if r.returncode != 0:
         raise SystemExit(f"bench ddp: nproc {nproc} failed:\n{r.stderr[-2000:]}")
     return json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     args = ap.parse_args(argv)
     have, what = available(args.device)
-    print(f"DDP throughput: gpt {STEPS} steps, batch 12 × 64 tokens per process, "
+    print(f"DDP throughput: gpt {args.steps} steps, batch 12 × 64 tokens per process, "
           f"train.device={args.device} ({have} {what})")
     counts = [n for n in (1, 2) if n <= have]
     results = {n: measure(n, args.device, args.steps) for n in counts}
@@ -79,10 +81,12 @@ def main(argv: list[str]) -> None:
               f"   ratio {r['tokens_per_sec'] / base:.2f}")
     if 2 not in results:
         print(f"  nproc 2: skipped, this machine has {have} {what}")
-    elif have <= 2 and "CPU" in what:
-        print(f"  this machine has {have} {what}: nproc 1 uses all of them, nproc 2 one each, so "
-              "the ratio shows DDP's overhead (gradient all-reduce over gloo), not a speed-up; on "
-              "N GPUs or N spare cores, N processes train N× the tokens per step")
+    elif "CPU" in what:  # the same cores either way: what DDP gains or loses on them
+        verdict = ("so the ratio shows DDP's overhead (gradient all-reduce over gloo, two "
+                   "processes on two cores), not a speed-up" if have <= 2 else
+                   "the same cores either way")
+        print(f"  {have} {what}: nproc 1 trains with {have} threads, nproc 2 with "
+              f"{max(1, have // 2)} each; {verdict}. N GPUs give N processes a device each")
 
 
 if __name__ == "__main__":

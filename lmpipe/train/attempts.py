@@ -69,7 +69,7 @@ def train(config: dict, directory: Path, entry: str = "prefect",
     _write(directory / REQUEST, {"config": given, "entry": entry,
                                  "resume": resume if given is config else None})
     ready_store(config["tracking"]["experiment"])
-    child = subprocess.Popen(command(directory, nproc), env=child_env())
+    child = subprocess.Popen(command(directory, nproc), env=child_env(nproc, config["train"]))
     code = wait(child)
     if code != 0:
         error = failure(code, directory)
@@ -123,12 +123,14 @@ def command(directory: Path, nproc: int = 1) -> list[str]:
     return [sys.executable, "-m", "lmpipe", *args]
 
 
-def child_env() -> dict[str, str]:
+def child_env(nproc: int = 1, train: dict | None = None) -> dict[str, str]:
     """This environment, with this lmpipe's project root first on PYTHONPATH (the child runs the
-    same code, wherever the working directory is) and output unbuffered (it shows as it comes)."""
+    same code, wherever the working directory is) and output unbuffered (it shows as it comes);
+    under torchrun, each process's share of the CPU threads (distributed.launch_env)."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    env = distributed.launch_env(nproc, train["device"]) if nproc > 1 and train else os.environ
+    return {**env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def wait(child: subprocess.Popen) -> int:

@@ -67,6 +67,16 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
             f"--nproc-per-node={nproc}", "-m", "lmpipe", *args]
 
 
+def launch_env(nproc: int, device: str) -> dict[str, str]:
+    """The environment for torchrun's processes: on the CPU each gets its share of the cores as
+    threads (torchrun's default is one thread each), unless OMP_NUM_THREADS is set already."""
+    env = dict(os.environ)
+    have, what = available(device)
+    if "OMP_NUM_THREADS" not in env and what == "CPU cores":
+        env["OMP_NUM_THREADS"] = str(max(1, have // nproc))
+    return env
+
+
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The data sampler's seed for `rank`: train.seed itself for rank 0 of a fresh run (a single
     process draws what it always did), else a seed derived from (seed, rank, step)."""
