@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # DVC, interrupted too, has said what it left
+        return 130
     return 0
 
 
