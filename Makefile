@@ -50,6 +50,22 @@ bench: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# A DVC remote: the stage outputs `make repro` cached, pushed and pulled (scripts/dvc_remote.py
+# checks the remote first). The default is a directory outside the repo, per user and content-
+# addressed, so every clone on this machine can share it; it goes to .dvc/config.local (a path on
+# this machine only). DVC_REMOTE=s3://bucket/path (or gs://, ssh://) makes a team's remote the
+# project's default in .dvc/config instead: commit that; credentials go to config.local (README).
+DVC_REMOTE ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/lmpipe/dvc-remote
+.PHONY: dvc-remote dvc-push dvc-pull
+dvc-remote: setup
+	$(BIN)/python scripts/dvc_remote.py add "$(DVC_REMOTE)"
+
+dvc-push: setup
+	$(BIN)/python scripts/dvc_remote.py push
+
+dvc-pull: setup
+	$(BIN)/python scripts/dvc_remote.py pull
+
 # The MLflow UI on the local store, opened on the runs of params.yaml's experiment (marked as model
 # training, so MLflow 3 shows its runs rather than the GenAI overview).
 ui: setup
