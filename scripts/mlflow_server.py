@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pg = Postgres(server_dir / "postgres", _pg_binaries(), _pg_os_user()) \
             if args.db == "postgres" else None
-        _check_port(args.host, args.port)
-        pg_port = pick_pg_port(args.pg_port) if pg else None
         if pg:
             pg.preflight()
+        _check_port(args.host, args.port)
+        pg_port = pick_pg_port(args.pg_port) if pg else None
     except Refusal as e:
         print(f"mlflow-server: error: {e}", file=sys.stderr)
         return 2
