@@ -185,8 +185,8 @@ class Postgres:
             os.chown(path, self.os_user.pw_uid, self.os_user.pw_gid)
 
     def preflight(self) -> None:
-        """Refuse a folder the cluster's user cannot reach, a folder in the way, and a cluster
-        that another server (a killed earlier run's) still serves."""
+        """Refuse a folder the cluster's user cannot reach, a cluster that another server (a
+        killed earlier run's) still serves, a folder in the way, and a lost password file."""
         if self.os_user is not None and not self._reachable():
             raise Refusal(f"PostgreSQL runs as user {self.os_user.pw_name} here (it refuses "
                           f"root), and that user cannot reach {self.data.parent}: let it in "
@@ -199,6 +199,9 @@ class Postgres:
         if self.data.exists() and not (self.data / "PG_VERSION").exists():
             raise Refusal(f"{self.data} exists but is not a PostgreSQL data directory; move it "
                           "away or choose another --dir")
+        if self.data.exists() and not self.pgpass.exists():
+            raise Refusal(f"{self.pgpass} (the database password) is missing; move {self.data} "
+                          "away to make a new cluster (its runs are not in the new one)")
 
     def _reachable(self) -> bool:
         """Whether the cluster's user can enter the server folder (or the folder that will hold
@@ -241,9 +244,6 @@ class Postgres:
         if not self.data.exists():
             print(f"mlflow-server: creating the PostgreSQL cluster in {self.data}", flush=True)
             self.init()
-        if not self.pgpass.exists():
-            raise RuntimeError(f"{self.pgpass} (the database password) is missing; remove "
-                               f"{self.data} to make a new cluster (its runs are lost)")
         self.log.touch()
         self._give(self.log)
         # -k '': no Unix socket (its path would be limited to ~100 characters); TCP only
