@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "error: Python 3.11+ not found (PYTHON=$(PYTHON)); install it or run 'make PYTHON=/path/to/python3.11 ...'" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,postgres]"
 	@touch $(STAMP)
 
 run: setup
@@ -87,26 +87,22 @@ serve-model: PORT ?= 5001
 serve-model: setup
 	$(BIN)/lmpipe serve $(MODEL) --host $(HOST) --port $(PORT)
 
-# A tracking server for several users or machines: runs and models in a database (DB=sqlite: one
-# file under mlflow-server/), artifacts stored by the server and reached through it
-# (mlflow-artifacts:/, so clients need no access to its disk). Point lmpipe at it with
-# `export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)`. One worker: SQLite takes one writer.
-# No job runner: it serves MLflow's GenAI jobs, which lmpipe does not use.
+# A tracking server for several users or machines (scripts/mlflow_server.py): runs and models in a
+# database, artifacts stored by the server and reached through it (mlflow-artifacts:/, so clients
+# need no access to its disk), all under $(MLFLOW_SERVER_DIR)/. DB=sqlite: one file, nothing to
+# install. DB=postgres: a PostgreSQL server of its own from the binaries on PATH (initdb once into
+# $(MLFLOW_SERVER_DIR)/postgres, on 127.0.0.1:$(PGPORT) or another free port), stopped with it.
+# Point lmpipe at it with `export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)`. Ctrl-C stops all.
 mlflow-server: HOST ?= 127.0.0.1
 mlflow-server: PORT ?= 5000
 DB ?= sqlite
+PGPORT ?= 5432
 MLFLOW_SERVER_DIR ?= mlflow-server
-BACKEND_STORE_sqlite = sqlite:///$(abspath $(MLFLOW_SERVER_DIR))/mlflow.db
 
 mlflow-server: setup
-	@test -n "$(BACKEND_STORE_$(DB))" || { echo "error: DB=$(DB) is not supported; use DB=sqlite" >&2; exit 2; }
-	@mkdir -p $(MLFLOW_SERVER_DIR)/artifacts
-	@echo "MLflow tracking server: http://$(HOST):$(PORT) (store $(BACKEND_STORE_$(DB)))"
-	@echo "point lmpipe at it:     export MLFLOW_TRACKING_URI=http://$(HOST):$(PORT)"
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server \
-		--backend-store-uri $(BACKEND_STORE_$(DB)) \
-		--serve-artifacts --artifacts-destination $(abspath $(MLFLOW_SERVER_DIR))/artifacts \
-		--host $(HOST) --port $(PORT) --workers 1
+	@case "$(DB)" in sqlite|postgres) ;; *) echo "error: DB=$(DB) is not supported; use DB=sqlite or DB=postgres" >&2; exit 2;; esac
+	$(BIN)/python scripts/mlflow_server.py --db $(DB) --dir $(MLFLOW_SERVER_DIR) \
+		--host $(HOST) --port $(PORT) --pg-port $(PGPORT)
 
 lock:  # re-freeze the environment into constraints.txt, keeping its header comments
 	{ grep '^#' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
