@@ -30,7 +30,7 @@ def test_precedence_cli_over_env_over_params(tmp_path):
 def test_seed_environment_variables_keep_their_meaning(tmp_path):
     env = {"ENABLE_CHECKPOINTS": "false", "CHECKPOINT_INTERVAL": "250", "CHECKPOINT_DIR": "ck",
            "MODEL_TYPE": "bigram", "TRAINING_STEPS": "99", "TRAINING_DATA_SOURCE": "my.txt",
-           "DEVICE": "cpu", "GPT2_MODEL_NAME": "gpt2-medium"}
+           "DEVICE": "cpu", "GPT2_MODEL_NAME": "gpt2-medium", "NPROC": "2"}
     assert set(env) == set(ENV_VARS)
     cfg = load_config(tmp_path / "none.yaml", env=env)
     c = cfg.checkpoint
@@ -38,6 +38,7 @@ def test_seed_environment_variables_keep_their_meaning(tmp_path):
     assert (cfg.model.type, cfg.train.steps, cfg.data.source) == ("bigram", 99, "my.txt")
     assert cfg.train.device == cfg.generate.device == "cpu"
     assert cfg.model.pretrained == cfg.model.variant == "gpt2-medium"
+    assert cfg.train.nproc == 2
 
 
 def test_seed_defaults_without_params_file(tmp_path):

@@ -10,7 +10,7 @@ itself, and a user's own `torchrun ... -m lmpipe stage train` works the same way
 - one collective per step (`agree`) averages the loss for the logs and makes every process stop at
   the same step when one of them got SIGINT/SIGTERM;
 - a process that dies makes the others fail at their next collective (torchrun stops the rest);
-  a process that hangs makes them fail after TIMEOUT_S.
+  a process that hangs makes them fail after TIMEOUT_S seconds (env LMPIPE_DDP_TIMEOUT).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from lmpipe.common.errors import UserError
 
-TIMEOUT_S = int(os.environ.get("LMPIPE_DDP_TIMEOUT", "300"))  # a collective waits this long at most
+TIMEOUT_S = 300  # a collective waits this long at most (env LMPIPE_DDP_TIMEOUT: other seconds)
 RNG_KEYS = ("sampler_rng", "torch_rng", "cuda_rng", "python_rng", "numpy_rng")
 
 
@@ -167,5 +167,6 @@ def start(device: str) -> Group:
                             f"processes on this machine, but it has {torch.cuda.device_count()} "
                             "CUDA GPUs (NCCL needs one per process); lower --nproc-per-node")
         torch.cuda.set_device(local)
-    dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+    timeout = int(os.environ.get("LMPIPE_DDP_TIMEOUT", TIMEOUT_S))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     return Group(rank, world, local, backend)

@@ -151,10 +151,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: 
         lr = state.schedule.lr_at(state.step)
         batch = get_batch(train_data, block_size, cfg.batch_size * cfg.grad_accum_steps,
                           state.sampler, device)
-        loss, stop = group.agree(_step(model, optimizer, batch, lr, cfg, amp), cb.should_stop(),
-                                 device)
-        window.add(loss, time.perf_counter() - t0)
+        loss = _step(model, optimizer, batch, lr, cfg, amp)
         state.step += 1
+        # one collective: the loss averaged over the processes, and a stop if any was asked to
+        loss, stop = group.agree(loss, cb.should_stop(), device)
+        window.add(loss, time.perf_counter() - t0)
 
         logged = state.step % cfg.log_interval == 0 or state.step == total
         metrics = window.metrics(lr)

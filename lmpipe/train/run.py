@@ -60,14 +60,14 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
     return ids
 
 
-def fresh_setup(cfg: Config, device: str, group: Group) -> Setup:
-    s = lora_setup(cfg, device) if cfg.model.lora_r > 0 else _fresh_model(cfg, device)
-    if group.rank > 0:  # its own batches and dropout; the weights are rank 0's (DDP)
+def fresh_setup(cfg: Config, device: str, group: Group | None = None) -> Setup:
+    s = lora_setup(cfg, device) if cfg.model.lora_r > 0 else model_setup(cfg, device)
+    if group is not None and group.rank > 0:  # its own batches and dropout; the weights are rank 0's (DDP)
         reseed(s.state, group.rank, cfg.train.seed)
     return s
 
 
-def _fresh_model(cfg: Config, device: str) -> Setup:
+def model_setup(cfg: Config, device: str) -> Setup:
     tok = tokenizer.load()
     torch.manual_seed(cfg.train.seed)
     model = (pretrained_model(cfg, tok) if cfg.model.type == "gpt2"
