@@ -62,7 +62,7 @@ def encode_split(tok, path: str | Path, block_size: int, split: str) -> torch.Te
 
 def fresh_setup(cfg: Config, device: str, group: Group | None = None) -> Setup:
     s = lora_setup(cfg, device) if cfg.model.lora_r > 0 else model_setup(cfg, device)
-    if group is not None and group.rank > 0:  # its own batches and dropout; the weights are rank 0's (DDP)
+    if group is not None and group.rank > 0:  # its own batches and dropout; rank 0's weights
         reseed(s.state, group.rank, cfg.train.seed)
     return s
 
