@@ -5,6 +5,7 @@ same world size is bit-exact, at another one it works and says so, SIGTERM saves
 rank fails the job fast."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,12 +18,14 @@ import mlflow
 import psutil
 import pytest
 import torch
+from prefect import flow
 
 from lmpipe import stages
 from lmpipe.ckpt.integrity import verify_checkpoint
 from lmpipe.ckpt.manifest import read_manifest
 from lmpipe.config import load_config
 from lmpipe.train.distributed import rank_seed
+from tasks.train import train_model
 from tests.conftest import cli_env, lay_out_tiny_project
 
 pytestmark = pytest.mark.slow
@@ -53,25 +56,42 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
                    **extra)
 
 
+@contextlib.contextmanager
+def _inside(root: Path, **env: str):
+    """`root` as the working directory and `env` set, for code run in this process."""
+    here, before = os.getcwd(), {k: os.environ.get(k) for k in env}
+    os.chdir(root)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+        for k, v in before.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory):
-    """A tiny project with prepared data and tokenizer, trained once by `NPROC=2 lmpipe stage
-    train` (lmpipe launches torchrun): its train.json."""
+def ddp(tmp_path_factory, prefect_harness):
+    """A tiny project with prepared data and tokenizer, trained once with train.nproc=2 by the
+    pipeline's Prefect training task (which launches torchrun): its train.json, with the run's
+    checkpoints by step."""
     root = tmp_path_factory.mktemp("ddp")
     lay_out_tiny_project(root)
     (root / "mlruns").mkdir()
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config("params.yaml", env={})
+
+    @flow
+    def train_in_two_processes(config: dict) -> dict:
+        return train_model(config)
+
+    with _inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlruns/mlflow.db",
+                 OMP_NUM_THREADS="1"):
+        cfg = load_config("params.yaml", [*SETTINGS, "train.nproc=2"], env={})
         stages.prepare(cfg)
         stages.build_tokenizer(cfg)
-    finally:
-        os.chdir(here)
-    r = _lmpipe(root, "stage", "train", *_overrides(SETTINGS), env=_env(root, NPROC="2"))
-    info = json.loads((root / "outputs" / "train.json").read_text())
+        info = train_in_two_processes(cfg.to_dict())
+    assert json.loads((root / "outputs" / "train.json").read_text()) == info
     # its checkpoints by step, before other tests continue its run
-    return root, {**info, "by_step": _by_step(root, info["run_id"])}, r.stderr
+    return root, {**info, "by_step": _by_step(root, info["run_id"])}
 
 
 def _by_step(root: Path, run_id: str) -> dict[int, Path]:
@@ -110,8 +130,8 @@ def test_each_rank_draws_its_own_batches():
     assert rank_seed(7, 1, step=100) not in seeds  # re-derived at a resume's step
 
 
-def test_two_processes_train_the_loss_goes_down_and_rank_0_alone_tracks(ddp):
-    root, info, stderr = ddp
+def test_the_prefect_task_trains_in_two_processes_the_loss_goes_down_rank_0_alone_tracks(ddp):
+    root, info = ddp
     log = (root / "outputs" / "train_log.csv").read_text().splitlines()
     header = log[0].split(",")
     losses = [float(r.split(",")[header.index("train_loss")]) for r in log[1:]
@@ -124,12 +144,11 @@ def test_two_processes_train_the_loss_goes_down_and_rank_0_alone_tracks(ddp):
     history = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").get_metric_history(
         info["run_id"], "train_loss")
     assert sorted(m.step for m in history) == list(range(20, STEPS + 1, 20))  # once each
-    assert stderr.count(f"step {STEPS}/{STEPS}") == 1  # only rank 0 prints progress
     assert sorted(info["by_step"]) == [100, 200, 300, 400]  # one writer
 
 
 def test_resume_at_world_size_1_works_and_keeps_the_checkpoint_format(ddp):
-    root, info, _ = ddp
+    root, info = ddp
     two = info["by_step"]
     r = _lmpipe(root, "resume", "--checkpoint", str(two[200]))
     assert "written by 2 training process(es), this run has 1" in r.stderr
@@ -185,7 +204,7 @@ def _stop(procs) -> None:
 
 
 def test_a_killed_rank_fails_the_job_fast_and_resume_at_world_size_2_is_bit_exact(ddp, tmp_path):
-    root, info, _ = ddp
+    root, info = ddp
     out = open(tmp_path / "torchrun.log", "w+")
     job = subprocess.Popen([*TORCHRUN, *_overrides(SETTINGS)], cwd=root, env=_env(root),
                            stdout=out, stderr=subprocess.STDOUT)
@@ -221,7 +240,7 @@ def test_a_killed_rank_fails_the_job_fast_and_resume_at_world_size_2_is_bit_exac
 
 
 def test_sigterm_to_the_launcher_saves_once_and_every_rank_exits(ddp, tmp_path):
-    root, _, _ = ddp
+    root, _ = ddp
     log = tmp_path / "launcher.log"
     with open(log, "w") as out:
         job = subprocess.Popen([sys.executable, "-m", "lmpipe", "stage", "train",
@@ -245,6 +264,7 @@ def test_sigterm_to_the_launcher_saves_once_and_every_rank_exits(ddp, tmp_path):
     after = text[text.index("received SIGTERM"):]
     assert after.count("saved checkpoint") == 1  # rank 0 once; rank 1 writes nothing
     assert text.count("received SIGTERM") == 1  # rank 1 stops quietly
+    assert text.count("step 100/") == 1  # only rank 0 prints progress
     emergency = Path(root / after.split("saved checkpoint ")[1].split()[0])
     assert verify_checkpoint(emergency).ok
     assert len(_load(emergency)["train_state"]["rank_rngs"]) == 2
@@ -252,7 +272,7 @@ def test_sigterm_to_the_launcher_saves_once_and_every_rank_exits(ddp, tmp_path):
 
 
 def test_more_processes_than_the_machine_has_is_refused(ddp):
-    root, _, _ = ddp
+    root, _ = ddp
     before = sorted(p.name for p in (root / "outputs").iterdir())
     r = _lmpipe(root, "stage", "train", env=_env(root, NPROC=str(len(os.sched_getaffinity(0)) + 1)),
                 check=False)
