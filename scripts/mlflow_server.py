@@ -21,10 +21,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-from serve import stop_group  # scripts/serve.py: SIGTERM the process group, then SIGKILL
+# scripts/serve.py: stop a process group (SIGTERM, then SIGKILL); wait for GET /health
+from serve import stop_group, wait_healthy
 
 READY = "mlflow-server: serving"  # printed once MLflow answers (tests wait for it)
 PG_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         store = pg.start(pg_port) if pg else f"sqlite:///{server_dir}/mlflow.db"
         pg_s = time.monotonic() - started
         mlflow = start_mlflow(args, store, server_dir, pg)
-        wait_healthy(_url(args.host, args.port), mlflow, args.timeout)
+        wait_healthy(_url(args.host, args.port), mlflow, args.timeout, "mlflow server")
         print(banner(args, store, mlflow, pg, pg_s, time.monotonic() - started - pg_s), flush=True)
         mlflow.wait()
         print(f"mlflow-server: error: mlflow server exited (code {mlflow.returncode}); its "
@@ -296,23 +296,6 @@ def start_mlflow(args: argparse.Namespace, store: str, server_dir: Path,
 
 def _url(host: str, port: int) -> str:
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    """Wait until GET /health answers (a new database takes ~15 s of migrations here)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited (code {server.returncode}); its output is "
-                               "above")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"mlflow server did not answer at {url} within {timeout:.0f} s")
 
 
 def banner(args: argparse.Namespace, store: str, mlflow: subprocess.Popen, pg: Postgres | None,

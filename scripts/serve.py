@@ -106,21 +106,22 @@ def _raise_stop(signum, frame) -> None:
     raise Stop()
 
 
-def wait_healthy(api_url: str, server: subprocess.Popen, timeout: float) -> None:
-    """Wait until GET /health answers (a fresh database takes ~17 s to migrate)."""
+def wait_healthy(api_url: str, server: subprocess.Popen, timeout: float,
+                 what: str = "the Prefect server") -> None:
+    """Wait until GET /health answers (a fresh database takes ~17 s to migrate: Prefect's, or
+    MLflow's, for scripts/mlflow_server.py)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited (code {server.returncode}); its output "
-                               "is above")
+            raise RuntimeError(f"{what} exited (code {server.returncode}); its output is above")
         try:
             with urllib.request.urlopen(f"{api_url}/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the Prefect server did not answer at {api_url} within {timeout:.0f} s")
+        time.sleep(0.25)
+    raise RuntimeError(f"{what} did not answer at {api_url} within {timeout:.0f} s")
 
 
 def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
