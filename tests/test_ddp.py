@@ -147,13 +147,14 @@ def test_the_prefect_task_trains_in_two_processes_the_loss_goes_down_rank_0_alon
     assert sorted(info["by_step"]) == [100, 200, 300, 400]  # one writer
 
 
-def test_resume_at_world_size_1_works_and_keeps_the_checkpoint_format(ddp):
+def test_resume_at_world_size_1_works_and_keeps_the_checkpoint_format(ddp, capsys):
     root, info = ddp
     two = info["by_step"]
-    r = _lmpipe(root, "resume", "--checkpoint", str(two[200]))
-    assert "written by 2 training process(es), this run has 1" in r.stderr
-    assert "not bit-exact" in r.stderr
-    one = json.loads((root / "outputs" / "train.json").read_text())
+    with _inside(root, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlruns/mlflow.db"):
+        cfg = load_config("params.yaml", SETTINGS, env={})  # train.nproc 1: this process alone
+        one = stages.resume(cfg, stages.plan_resume(cfg, str(two[200])))  # `lmpipe resume`
+    err = capsys.readouterr().err
+    assert "written by 2 training process(es), this run has 1" in err and "not bit-exact" in err
     assert one["step"] == STEPS and one["run_id"] == info["run_id"]
 
     a, b = _load(two[STEPS]), _load(root / one["checkpoint"])
