@@ -202,7 +202,11 @@ def _launch(cfg: Config, entry: str, resume) -> dict:
 
     plan = None if resume is None else {k: str(v) if isinstance(v, Path) else v
                                         for k, v in dataclasses.asdict(resume).items()}
-    return attempts.train(cfg.to_dict(), attempts.ATTEMPTS / uuid.uuid4().hex, entry, plan)
+    directory = attempts.ATTEMPTS / uuid.uuid4().hex
+    try:
+        return attempts.train(cfg.to_dict(), directory, entry, plan)
+    except attempts.TrainingCrashed as e:  # no Prefect retry follows: say where to go on from
+        raise attempts.crashed_without_retry(e, directory, cfg.checkpoint.dir) from None
 
 
 def _train_info(train_info: dict | None) -> dict:

@@ -40,6 +40,23 @@ _STORE = threading.Lock()
 class TrainingCrashed(RuntimeError):
     """The training process died (killed, or an unexpected error): a retry may get further."""
 
+    def __init__(self, how: str):
+        super().__init__(f"the training process {how} (its output is above); a retry resumes its "
+                         "MLflow run from the run's newest verified checkpoint")
+        self.how = how
+
+
+def crashed_without_retry(e: TrainingCrashed, directory: Path, checkpoint_dir: str) -> UserError:
+    """A crash where no retry follows (`lmpipe stage train` with train.nproc > 1): one line with
+    the checkpoint its run can be resumed from (exit 1)."""
+    run_id = recorded_run_id(directory)
+    path = latest_of_run(checkpoint_dir, run_id) if run_id else None
+    then = (f"resume with: lmpipe resume --checkpoint {path}" if path else
+            "it saved no verified checkpoint; train again")
+    error = UserError(f"the training process {e.how} (its output is above); {then}")
+    error.exit_code = 1
+    return error
+
 
 class TrainingFailed(UserError):
     """The training process ended on a UserError (bad input, a stop on a signal), which a retry
@@ -181,8 +198,7 @@ def failure(code: int, directory: Path) -> Exception:
         return TrainingFailed(f"the training process was stopped by {_signame(signum)}",
                               128 + signum)
     how = f"was killed by {_signame(-code)}" if code < 0 else f"exited with code {code}"
-    return TrainingCrashed(f"the training process {how} (its output is above); a retry resumes "
-                           "its MLflow run from the run's newest verified checkpoint")
+    return TrainingCrashed(how)
 
 
 def publish(directory: Path) -> None:
