@@ -9,8 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmpipe.common.env import apply_offline_defaults
-from lmpipe.config import ENV_VARS
+# One torch thread in each test process and every process it starts, set before torch is imported
+# (its OpenMP runtime reads this once): two workers on two cores, each with training subprocesses
+# beside it, thrash with more threads than cores. Tiny models lose nothing: a 300-step fault run
+# took 12-18 s with one thread and 22-38 s with two on the shared 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from lmpipe.common.env import apply_offline_defaults  # noqa: E402
+from lmpipe.config import ENV_VARS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: lmpipe, dvc

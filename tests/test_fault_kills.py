@@ -8,9 +8,9 @@ import pytest
 from test_faults import (  # noqa: F401  (fault_project: a fixture)
     assert_clean,
     assert_same_training,
+    cli,
     fault_project,
     final_checkpoint,
-    run,
     start,
 )
 
@@ -21,11 +21,12 @@ from lmpipe.ckpt.store import list_checkpoints
 pytestmark = pytest.mark.slow
 
 
-def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fault_project):  # noqa: F811
+def test_random_kills_including_during_saves_then_resume_equals_uninterrupted(fault_project,  # noqa: F811
+                                                                               capsys):
     over = ["-S", "train.steps=200", "-S", "checkpoint.interval=3", "-S", "model.n_embd=128",
             # rotation runs under the kills
             "-S", "checkpoint.keep_last=2", "-S", "checkpoint.keep_best=0"]
-    run(fault_project, "stage", "train", *over, "-S", "checkpoint.dir=ref")
+    cli(capsys, "stage", "train", *over, "-S", "checkpoint.dir=ref")  # in-process, one thread
     ref = final_checkpoint(fault_project / "ref", 200)
     ckdir = fault_project / "run"
     over += ["-S", "checkpoint.dir=run"]

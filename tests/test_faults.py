@@ -58,6 +58,19 @@ def run(project, *args, preexec=None, ok=True):
     return p.returncode, out, err
 
 
+def cli(capsys, *args, ok=True) -> tuple[int, str, str]:
+    """`lmpipe ARGS` in this process (in the project directory), as run() returns it: for the steps
+    that signal, limit or kill nothing, without a subprocess's ~5 s of imports."""
+    from lmpipe.cli.main import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    if ok:
+        assert code == 0, err[-3000:]
+    return code, out, err
+
+
 def wait_for_step(directory: Path, step: int, proc, timeout=120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -98,8 +111,9 @@ def assert_clean(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["bigram", "gpt"])
-def test_sigkill_then_resume_is_bit_exact(fault_project, kind):
-    run(fault_project, "stage", "train", "-S", f"model.type={kind}", "-S", "checkpoint.dir=ref")
+def test_sigkill_then_resume_is_bit_exact(fault_project, capsys, kind):
+    # the uninterrupted reference in this process (one torch thread, as its subprocesses have)
+    cli(capsys, "stage", "train", "-S", f"model.type={kind}", "-S", "checkpoint.dir=ref")
     ref = final_checkpoint(fault_project / "ref", 300)
 
     p = start(fault_project, "stage", "train", "-S", f"model.type={kind}", "-S",
@@ -119,7 +133,8 @@ def test_sigkill_then_resume_is_bit_exact(fault_project, kind):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_a_verified_checkpoint_and_says_how_to_resume(fault_project, sig, code):
+def test_signal_saves_a_verified_checkpoint_and_says_how_to_resume(fault_project, capsys, sig,
+                                                                   code):
     p = start(fault_project, "stage", "train", "-S", "train.steps=100000")
     wait_for_step(fault_project / "checkpoints", 50, p)
     p.send_signal(sig)
@@ -131,10 +146,10 @@ def test_signal_saves_a_verified_checkpoint_and_says_how_to_resume(fault_project
     assert "Traceback" not in err and f"lmpipe resume --checkpoint {path}" in err
     assert verify_checkpoint(fault_project / path).ok
     assert load_checkpoint(fault_project / path)["step"] == step
-    row = next(ln for ln in run(fault_project, "ckpt", "list")[1].splitlines() if path.name in ln)
+    row = next(ln for ln in cli(capsys, "ckpt", "list")[1].splitlines() if path.name in ln)
     assert f"— (last eval at step {(step - 1) // 50 * 50})" in row  # saved without evaluating
     assert_clean(fault_project / "checkpoints")
-    run(fault_project, "resume", "--checkpoint", str(path), "--steps", "5")
+    cli(capsys, "resume", "--checkpoint", str(path), "--steps", "5")
     assert parse_filename(latest_verified(fault_project / "checkpoints"))["step"] == step + 5
 
 
@@ -150,8 +165,8 @@ def test_second_sigint_abandons_the_save_without_a_partial_file(fault_project):
     assert latest_verified(fault_project / "checkpoints")
 
 
-def test_file_size_limit_fails_writes_cleanly(fault_project):
-    run(fault_project, "stage", "train", "-S", "model.n_embd=128", "-S", "train.steps=100")
+def test_file_size_limit_fails_writes_cleanly(fault_project, capsys):
+    cli(capsys, "stage", "train", "-S", "model.n_embd=128", "-S", "train.steps=100")
     before = {p.name: p.read_bytes() for p in (fault_project / "checkpoints").glob("*.pt")}
     size = min(len(b) for b in before.values())
     limit = size // 2  # checkpoints cannot be written; the manifest, logs and MLflow's database can
@@ -168,8 +183,8 @@ def test_file_size_limit_fails_writes_cleanly(fault_project):
     assert_clean(fault_project / "checkpoints")
 
 
-def test_small_disk_skips_saves_and_keeps_training(fault_project):
-    run(fault_project, "stage", "train", "-S", "model.n_embd=128", "-S", "train.steps=1",
+def test_small_disk_skips_saves_and_keeps_training(fault_project, capsys):
+    cli(capsys, "stage", "train", "-S", "model.n_embd=128", "-S", "train.steps=1",
         "-S", "checkpoint.dir=probe")
     size = next((fault_project / "probe").glob("*.pt")).stat().st_size
     # room for two checkpoints plus the margin, not three
@@ -190,17 +205,16 @@ def test_small_disk_skips_saves_and_keeps_training(fault_project):
     assert ".tmp" not in r.stdout
 
 
-def test_resume_options_end_to_end(fault_project):
-    run(fault_project, "stage", "train", "-S", "train.steps=40", "-S", "checkpoint.interval=20")
+def test_resume_options_end_to_end(fault_project, capsys):
+    cli(capsys, "stage", "train", "-S", "train.steps=40", "-S", "checkpoint.interval=20")
     ckdir = fault_project / "checkpoints"
     new = "".join(f"## Letter {i}\n\nDear Agnes, \u00a7 and \u00b6 are new here, letter {i}. Many "
                   "words today.\n\n"
                   for i in range(12))
     (fault_project / "new.md").write_text(new)
     before = (fault_project / "data/prepared/train.txt").read_text()
-    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", "--steps", "5",
-                       "--source", "new.md",
-                       ok=False)
+    code, _, err = cli(capsys, "resume", "--checkpoint", "latest", "--steps", "5",
+                       "--source", "new.md", ok=False)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("lmpipe: error: new.md: ")
     assert "unknown to the char tokenizer: 'L', '\u00a7', '\u00b6'" in err
@@ -209,7 +223,7 @@ def test_resume_options_end_to_end(fault_project):
     # A fresh optimizer with a re-warmup: the first resumed step runs at 1/K of the checkpoint's LR.
     ckpt = load_checkpoint(latest_verified(ckdir))
     lr40 = Schedule.from_dict(ckpt["train_state"]["schedule"]).lr_at(40)
-    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer",
+    cli(capsys, "resume", "--checkpoint", "latest", "--steps", "10", "--no-optimizer",
         "--warmup", "5")
     mlflow.set_tracking_uri(f"sqlite:///{fault_project}/mlruns/mlflow.db")
     lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
@@ -217,8 +231,8 @@ def test_resume_options_end_to_end(fault_project):
     assert parse_filename(latest_verified(ckdir))["step"] == 50
 
     # --lr restarts the decay from that peak.
-    run(fault_project, "resume", "--checkpoint", "latest", "--steps", "10", "--lr", "0.005")
+    cli(capsys, "resume", "--checkpoint", "latest", "--steps", "10", "--lr", "0.005")
     lrs = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(ckpt["run_id"], "lr")}
     assert lrs[51] == pytest.approx(0.005)
-    code, _, err = run(fault_project, "resume", "--checkpoint", "latest", ok=False)
+    code, _, err = cli(capsys, "resume", "--checkpoint", "latest", ok=False)
     assert code == 2 and "already at step 60" in err and "--steps N" in err

@@ -92,6 +92,8 @@ def test_versions_carry_lineage_and_are_promoted_by_the_rule(trained, project):
     assert "promoted to **champion**" in text and "no champion yet" in text
     assert json.loads((project / "outputs/registered.json").read_text())["aliases"] == [
         "challenger", "champion"]
+    # The version is the checkpoint's logged model from training, not a second copy of it.
+    assert v1.source == f"models:/{info['final_model_id']}" == f"models:/{first['model_id']}"
 
     # The version page's sample request: an input example with the prompt and a predict param.
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
@@ -105,6 +107,7 @@ def test_versions_carry_lineage_and_are_promoted_by_the_rule(trained, project):
     worse = register(cfg, at_step(info, 10))
     tags = version("2").tags
     assert worse["aliases"] == ["challenger"] and aliases() == {"challenger": "2", "champion": "1"}
+    assert version("2").source == f"models:/{info['model_ids']['10']}"
     ours, theirs = float(tags["lmpipe.promote.candidate_bpb"]), float(
         tags["lmpipe.promote.champion_bpb"])
     assert ours > theirs == metrics["bits_per_byte"]

@@ -184,15 +184,17 @@ def test_missing_run_artifact_and_deleted_version_through_the_cli(reg, capsys):
     code, _, err = run(capsys, "compare", "latest", f"runs:/{run_id}/nope")
     assert code == 2 and err.count("\n") == 1
     assert f"run {run_id} has no artifact 'nope'; the run's top-level artifacts: " in err
-    assert "copies/" in err and "model/ (logged model)" in err
+    assert "copies/" in err and "checkpoint-step10/ (logged model)" in err
     code, _, err = run(capsys, "generate", "--checkpoint", f"runs:/{run_id}/loss.png")
     assert code == 2 and "artifact 'loss.png' is not a checkpoint (.pt) file" in err
-    # A version whose checkpoint was deleted from the artifact store.
-    cfg = load_config("params.yaml")
+    # A version whose checkpoint was deleted from the artifact store. Another predict default
+    # than training's: the version is a pyfunc model of its own, not the run's checkpoint-step10.
+    cfg = load_config("params.yaml", ["generate.temperature=0.5"])
     v3 = registry.register_model(run_id, reg["step10"], NAME, 10, cfg.flat(), cfg.generate)
     client = MlflowClient()
     source = client.get_model_version(NAME, v3["version"]).source  # models:/<model_id>
     model = client.get_logged_model(source.removeprefix("models:/"))
+    assert model.name == "model" and model.source_run_id == run_id
     (Path(urlparse(model.artifact_location).path) / "artifacts" / reg["step10"].name).unlink()
     r = subprocess.run([sys.executable, "-m", "lmpipe", "generate", "--checkpoint", v3["uri"]],
                        cwd=reg["root"], env=cli_env(PYTHONPATH=str(REPO)), capture_output=True,

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from lmpipe.config import GenerateConfig
 
 EXAMPLE_TOKENS = 16  # the input example's max_new_tokens
+SHA256 = "lmpipe.checkpoint.sha256"  # a checkpoint's logged model: the file it holds
 
 
 def pip_requirements(params: dict[str, Any] | None = None) -> list[str]:
@@ -84,13 +85,73 @@ def log_pyfunc_model(run_id: str, checkpoint: Path, name: str, step: int, params
             step=step, **extra)
 
 
+def checkpoint_name(step: int) -> str:
+    """The name of the logged model of a run's checkpoint at `step`."""
+    return f"checkpoint-step{step}"
+
+
 def register_model(run_id: str, checkpoint: Path, name: str, step: int, params: dict[str, Any],
                    generate: GenerateConfig) -> dict:
-    """Log the checkpoint as a pyfunc model in the run and register it; return name, version, uri.
-    `generate`: the run's generate section, the defaults of predict's params."""
-    info = log_pyfunc_model(run_id, checkpoint, "model", step, params, generate,
-                            input_example=input_example(generate),
-                            registered_model_name=name, await_registration_for=60)
-    version = str(info.registered_model_version)
+    """Register the checkpoint as a version; return name, version, uri and the logged model's id.
+    The version is the checkpoint's logged model, which training logged (checkpoint_model), given
+    an input example; when there is none — tracking.log_checkpoints false, a model logged by an
+    older lmpipe or with another prompt or predict params — a pyfunc model of the checkpoint is
+    logged into the run now, as 'model'."""
+    import mlflow
+
+    model_id = checkpoint_model(run_id, checkpoint, step, generate)
+    if model_id is None:
+        model_id = log_pyfunc_model(run_id, checkpoint, "model", step, params, generate,
+                                    input_example=input_example(generate)).model_id
+    else:
+        add_input_example(model_id, generate)
+    version = str(mlflow.register_model(f"models:/{model_id}", name,
+                                        await_registration_for=60).version)
     return {"name": name, "version": version, "uri": f"models:/{name}/{version}",
-            "model_id": info.model_id}
+            "model_id": model_id}
+
+
+def checkpoint_model(run_id: str, checkpoint: Path, step: int,
+                     generate: GenerateConfig) -> str | None:
+    """The id of run `run_id`'s READY logged model of this very checkpoint file at `step` (its tag
+    lmpipe.checkpoint.sha256), made with this prompt and these predict params (the input example
+    and the signature's defaults); else None."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    from lmpipe.common.fileio import file_sha256
+
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{checkpoint_name(step)}'")
+    wanted = {f"generate.{k}": str(v)
+              for k, v in {**generate.sampling(), "prompt": generate.prompt}.items()}
+    sha = file_sha256(checkpoint)
+    fits = [m.model_id for m in models
+            if m.status == LoggedModelStatus.READY and m.tags.get(SHA256) == sha
+            and all(m.params.get(k) == v for k, v in wanted.items())]
+    return fits[0] if fits else None
+
+
+def add_input_example(model_id: str, generate: GenerateConfig) -> None:
+    """Give a logged model the input example log_model(input_example=...) would have (the MLmodel's
+    entry and its files), as mlflow.models.set_signature updates a signature. Checkpoints are
+    logged without one: MLflow checks an example by building the model and predicting, which
+    during training would draw from torch's global generator (dropout's) and cost each save."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+    from mlflow.models.utils import _save_example  # log_model's own writer; no public one
+
+    client = MlflowClient()
+    location = client.get_logged_model(model_id).artifact_location
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = download_artifacts(f"{location}/MLmodel", dst_path=tmp)
+        model = Model.load(mlmodel)
+        if model.saved_input_example_info is None:  # else: registered before
+            _save_example(model, input_example(generate), tmp)
+            model.save(mlmodel)
+            client.log_model_artifacts(model_id, tmp)

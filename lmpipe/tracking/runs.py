@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmpipe.tracking import buffer, setup, tracking_uri, writes
+from lmpipe.tracking import buffer, registry, setup, tracking_uri, writes
 from lmpipe.tracking.lineage import lineage_tags
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ class TrainingTracker:
             step = entry["step"]
             sent, model_id = buffer.submit(  # log_checkpoint, through the tracking buffer
                 "checkpoint", self.metrics.uri, self.run_id, senders(), files=[path],
-                experiment_id=self.experiment_id, step=step, name=f"checkpoint-step{step}",
+                experiment_id=self.experiment_id, step=step, name=registry.checkpoint_name(step),
                 params=self.params, generate=asdict(self.generate),
                 rows=writes.metric_rows(logged_metrics(entry), step))
             if sent:
@@ -209,17 +209,20 @@ def log_checkpoint(run_id: str, path: Path, step: int, params: dict[str, Any],
                    generate: GenerateConfig, metrics: dict[str, float]) -> str:
     """A checkpoint as an MLflow 3 logged model, an output of its run at its step: a pyfunc model
     over the file (loadable as models:/<model_id>, registrable), with its hyperparameters and
-    metrics. Returns the model id.
+    metrics. Returns the model id. Its tag lmpipe.checkpoint.sha256 lets registry.register_model
+    register it when this checkpoint becomes a version.
 
     The evaluate stage adds its eval_* metrics, by which the UI's Models tab and
     mlflow.search_logged_models(order_by=...) rank the checkpoints.
     """
     import mlflow
 
-    from lmpipe.tracking.registry import log_pyfunc_model
+    from lmpipe.common.fileio import file_sha256
 
-    info = log_pyfunc_model(run_id, path, f"checkpoint-step{step}", step, params, generate,
-                            tags={"lmpipe.step": str(step), "lmpipe.checkpoint": path.name})
+    tags = {"lmpipe.step": str(step), "lmpipe.checkpoint": path.name,
+            registry.SHA256: file_sha256(path)}
+    info = registry.log_pyfunc_model(run_id, path, registry.checkpoint_name(step), step, params,
+                                     generate, tags=tags)
     if metrics:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, run_id=run_id,
                            model_id=info.model_id)

@@ -5,7 +5,7 @@ cache, checked, and reused while intact; any other spec (a path, a glob, 'latest
 ckpt.locate's.
 
 A model (a registered version, a run's logged model) holds its checkpoint where the MLmodel's
-python_function artifacts entry says (registry.register_model logs it as the artifact
+python_function artifacts entry says (registry.log_pyfunc_model logs it as the artifact
 'checkpoint'); a logged model without an MLmodel holds the file itself.
 """
 from __future__ import annotations
