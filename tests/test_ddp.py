@@ -156,6 +156,9 @@ def test_resume_at_world_size_1_works_and_keeps_the_checkpoint_format(ddp, capsy
     err = capsys.readouterr().err
     assert "written by 2 training process(es), this run has 1" in err and "not bit-exact" in err
     assert one["step"] == STEPS and one["run_id"] == info["run_id"]
+    run = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").get_run(one["run_id"])
+    assert run.data.params["world_size"] == "2"  # the run's first segment
+    assert run.data.tags["lmpipe.resume.step200.world_size"] == "1"  # this one
 
     a, b = _load(two[STEPS]), _load(root / one["checkpoint"])
     assert verify_checkpoint(two[STEPS]).ok and verify_checkpoint(root / one["checkpoint"]).ok

@@ -46,12 +46,15 @@ def mark_failed(run_id: str) -> None:
         client.set_terminated(run_id, "FAILED")
 
 
-def record_resume(step: int, checkpoint: Path, schedule: dict, data: str) -> None:
-    """A resume of the active run, as tags at its step: a continued run's params are immutable."""
+def record_resume(step: int, checkpoint: Path, schedule: dict, data: str,
+                  world_size: int = 1) -> None:
+    """A resume of the active run, as tags at its step: a continued run's params are immutable
+    (world_size: the training processes from this step on; the param is the first segment's)."""
     import mlflow
 
     at = f"lmpipe.resume.step{step}"
-    mlflow.set_tags({at: str(checkpoint), f"{at}.schedule": str(schedule), f"{at}.data": data})
+    mlflow.set_tags({at: str(checkpoint), f"{at}.schedule": str(schedule), f"{at}.data": data,
+                     f"{at}.world_size": str(world_size)})
 
 
 # Settings that place a run rather than shape the model: the run's parent tag and name show them.

@@ -280,7 +280,8 @@ def _record_run(run, s: Setup, entry: str, resume: Resume | None) -> None:
     cfg, meta = s.cfg, s.meta
     if resume:  # a continued run's params are immutable: record the resume as tags
         runs.record_resume(s.state.step, resume.checkpoint, s.state.schedule.to_dict(),
-                               f"{meta.get('source_spec')} ({meta.get('fingerprint')})")
+                           f"{meta.get('source_spec')} ({meta.get('fingerprint')})",
+                           cfg.train.nproc)
     t = cfg.train
     runs.log_run_params(run, {**cfg.flat(), "vocab_size": s.tok.vocab_size,
                               "n_params": s.n_params, "device": s.device,
