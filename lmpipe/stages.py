@@ -195,16 +195,13 @@ def train(cfg: Config, entry: str = "cli", resume=None, out: Path | None = None)
 def _launch(cfg: Config, entry: str, resume) -> dict:
     """train.nproc > 1 outside torchrun: train under `torchrun --nproc-per-node N` (one attempt,
     lmpipe.train.attempts), which publishes train.json, the log and the plot into outputs/."""
-    import dataclasses
     import uuid
 
     from lmpipe.train import attempts
 
-    plan = None if resume is None else {k: str(v) if isinstance(v, Path) else v
-                                        for k, v in dataclasses.asdict(resume).items()}
     directory = attempts.ATTEMPTS / uuid.uuid4().hex
     try:
-        return attempts.train(cfg.to_dict(), directory, entry, plan)
+        return attempts.train(cfg.to_dict(), directory, entry, resume)
     except attempts.TrainingCrashed as e:  # no Prefect retry follows: say where to go on from
         raise attempts.crashed_without_retry(e, directory, cfg.checkpoint.dir) from None
 

@@ -38,6 +38,15 @@ def read_manifest(directory: str | Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def recorded_sha256(path: str | Path) -> str:
+    """The sha256 the manifest records for the checkpoint `path` (taken from the bytes read back
+    at its save), or, for a file without an entry, the file's own."""
+    from lmpipe.common.fileio import file_sha256
+
+    entry = read_manifest(Path(path).parent).get(Path(path).name) or {}
+    return entry.get("sha256") or file_sha256(path)
+
+
 def update_manifest(directory: Path, change) -> None:
     entries = read_manifest(directory)
     change(entries)

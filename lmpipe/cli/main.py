@@ -232,14 +232,12 @@ def _train_attempt(args) -> int:
     from lmpipe.common.errors import UserError
     from lmpipe.config import config_from_dict
     from lmpipe.train import attempts
-    from lmpipe.train.resume import Resume
 
     if args.name != "train" or args.overrides or args.params != "params.yaml":
         raise UserError("--attempt DIR: only 'lmpipe stage train' takes it, and its configuration "
                         "comes from DIR/request.json; leave out -S and --params")
     directory = Path(args.attempt)
-    config, entry, plan = attempts.read_request(directory)
-    resume = None if plan is None else Resume(**{**plan, "checkpoint": Path(plan["checkpoint"])})
+    config, entry, resume = attempts.read_request(directory)
     try:
         info = stages.train(config_from_dict(config), entry=entry, resume=resume, out=directory)
     except UserError as e:  # the parent reports it (attempts.failure), once

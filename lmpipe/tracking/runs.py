@@ -220,10 +220,10 @@ def log_checkpoint(run_id: str, path: Path, step: int, params: dict[str, Any],
     """
     import mlflow
 
-    from lmpipe.common.fileio import file_sha256
+    from lmpipe.ckpt.manifest import recorded_sha256
 
     tags = {"lmpipe.step": str(step), "lmpipe.checkpoint": path.name,
-            registry.SHA256: file_sha256(path)}
+            registry.SHA256: recorded_sha256(path)}  # just saved: no second read of the file
     info = registry.log_pyfunc_model(run_id, path, registry.checkpoint_name(step), step, params,
                                      generate, tags=tags)
     if metrics:

@@ -15,6 +15,7 @@ DIR, one per task run, holds what an attempt is given and what it reports:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from lmpipe.common.fileio import atomic_write_text
 from lmpipe.common.paths import LOSS_PLOT, OUTPUTS, TRAIN_INFO, TRAIN_LOG
 from lmpipe.tracking import runs
 from lmpipe.train import distributed
+from lmpipe.train.resume import Resume
 
 ATTEMPTS = OUTPUTS / "attempts"  # one directory per task run; removed when its training succeeds
 REQUEST, RUN, ERROR = "request.json", "run.json", "error.json"
@@ -70,10 +72,10 @@ class TrainingFailed(UserError):
 # --- the parent: one attempt ---------------------------------------------------------------------
 
 def train(config: dict, directory: Path, entry: str = "prefect",
-          resume: dict | None = None) -> dict:
+          resume: Resume | None = None) -> dict:
     """Train `config` (Config.to_dict()) in a child process, or in train.nproc processes under
     torchrun, and return the train stage's result; its train.json, log and plot then replace
-    outputs/'s, and `directory` goes. resume: a train.resume.Resume as a dict (`lmpipe resume`).
+    outputs/'s, and `directory` goes. resume: what `lmpipe resume` asks of the checkpoint.
     Raises TrainingCrashed (worth a retry, with the same `directory`) or TrainingFailed."""
     nproc = config["train"].get("nproc", 1)
     if nproc > 1:
@@ -83,10 +85,12 @@ def train(config: dict, directory: Path, entry: str = "prefect",
         (directory / name).unlink(missing_ok=True)
     given = attempt_config(config, directory)
     # a retry resumes its own run from the newest checkpoint (train.resume), not `resume`'s
-    _write(directory / REQUEST, {"config": given, "entry": entry,
-                                 "resume": resume if given is config else None})
+    plan = None if resume is None or given is not config else {
+        **dataclasses.asdict(resume), "checkpoint": str(resume.checkpoint)}
+    _write(directory / REQUEST, {"config": given, "entry": entry, "resume": plan})
     ready_store(config["tracking"]["experiment"])
-    child = subprocess.Popen(command(directory, nproc), env=child_env(nproc, config["train"]))
+    child = subprocess.Popen(command(directory, nproc),
+                             env=child_env(nproc, config["train"]["device"]))
     code = wait(child)
     if code != 0:
         error = failure(code, directory)
@@ -140,13 +144,13 @@ def command(directory: Path, nproc: int = 1) -> list[str]:
     return [sys.executable, "-m", "lmpipe", *args]
 
 
-def child_env(nproc: int = 1, train: dict | None = None) -> dict[str, str]:
+def child_env(nproc: int = 1, device: str = "auto") -> dict[str, str]:
     """This environment, with this lmpipe's project root first on PYTHONPATH (the child runs the
     same code, wherever the working directory is) and output unbuffered (it shows as it comes);
     under torchrun, each process's share of the CPU threads (distributed.launch_env)."""
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = distributed.launch_env(nproc, train["device"]) if nproc > 1 and train else os.environ
+    env = distributed.launch_env(nproc, device) if nproc > 1 else os.environ
     return {**env, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
@@ -212,14 +216,15 @@ def publish(directory: Path) -> None:
 
 # --- the child: what it reads and reports --------------------------------------------------------
 
-def read_request(directory: Path) -> tuple[dict, str, dict | None]:
-    """The configuration (Config.to_dict()), entry and resume (a Resume as a dict, or None) an
-    attempt is given."""
+def read_request(directory: Path) -> tuple[dict, str, Resume | None]:
+    """The configuration (Config.to_dict()), entry and resume (or None) an attempt is given."""
     request = _read(directory / REQUEST)
     if request is None:
         raise UserError(f"{directory / REQUEST}: not found or not valid JSON; --attempt DIR is "
                         "the Prefect training task's, which writes it")
-    return request["config"], request["entry"], request.get("resume")
+    plan = request.get("resume")
+    resume = None if plan is None else Resume(**{**plan, "checkpoint": Path(plan["checkpoint"])})
+    return request["config"], request["entry"], resume
 
 
 def record_run_id(directory: Path, run_id: str) -> None:
