@@ -199,9 +199,10 @@ def test_cli_warns_once_for_an_ignored_setting(project, monkeypatch, capsys):
 def test_resume_names_settings_it_ignores(project, trained, capsys):
     capsys.readouterr()
     assert main(["resume", "--checkpoint", str(trained), "--steps", "2", "--dry-run", "-S",
-                 "train.lr=0.5"]) == 0
+                 "train.lr=0.5", "-S", "train.nproc=2"]) == 0
     err = capsys.readouterr().err
     assert "train.lr (from -S) has no effect on a resume" in err and "--steps N / --lr X" in err
+    assert "train.nproc" not in err  # how many processes train on: the current setting
 
 
 def save_nanochat_with_tokenizer(base):

@@ -297,7 +297,9 @@ def _warn_ignored_on_resume(args) -> None:
                "data": "--source PATH"}
     for key, where in _explicit(args).items():
         section = key.split(".", 1)[0]
-        if section in instead and key != "train.device" and not (section == "data" and args.source):
+        # where and in how many processes it trains: the current settings, not the checkpoint's
+        if section in instead and key not in ("train.device", "train.nproc") \
+                and not (section == "data" and args.source):
             warn(f"{key} (from {where}) has no effect on a resume, which keeps the checkpoint's "
                  f"{section} settings; use {instead[section]}")
 
